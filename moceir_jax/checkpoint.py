@@ -1,0 +1,76 @@
+"""The on-disk model format: architecture as JSON plus parameters as an Orbax checkpoint.
+
+A model directory holds ``model_config.json`` (a :class:`MoCEIRConfig`) and
+``state/`` (the NNX state: parameters and buffers). Converted official weights
+and exported training results use it; evaluation and restoration load it.
+Writes go to a temporary sibling that is renamed into place, so an interrupted
+save never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from moceir_jax import model as model_lib
+
+CONFIG_FILE = "model_config.json"
+STATE_DIR = "state"
+
+
+def _plain_state(model: model_lib.MoCEIR) -> dict:
+  return nnx.state(model).to_pure_dict()
+
+
+def save_model(directory: str, model: model_lib.MoCEIR) -> None:
+  directory = os.path.abspath(directory)
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+  try:
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      f.write(model.cfg.to_json())
+    state = jax.tree_util.tree_map(np.asarray, _plain_state(model))
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, STATE_DIR), state)
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def load_config(directory: str) -> model_lib.MoCEIRConfig:
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory}: not a model directory (no {CONFIG_FILE})")
+  with open(path) as f:
+    try:
+      return model_lib.MoCEIRConfig.from_dict(json.load(f))
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{path}: {e}") from e
+
+
+def load_model(directory: str, **config_overrides) -> model_lib.MoCEIR:
+  """Loads a model directory; overrides may change run-time fields (dtype, routing_noise)."""
+  cfg = load_config(directory).replace(**config_overrides)
+  abstract = model_lib.abstract(cfg)
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _plain_state(abstract))
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      state = ckptr.restore(os.path.join(os.path.abspath(directory), STATE_DIR), target)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"{directory}: saved parameters do not fit its {CONFIG_FILE}: {e}") from e
+  model = model_lib.create(cfg)
+  nnx.replace_by_pure_dict(graph_state := nnx.state(model), state)
+  nnx.update(model, graph_state)
+  return model

@@ -1,0 +1,225 @@
+"""Numerical kernels of MoCE-IR as pure functions on NHWC arrays.
+
+Everything here reproduces a PyTorch/NCHW operation of the reference bit-for-bit in
+meaning (channel orders, padding sides, epsilons), while choosing a formulation that
+XLA compiles well. Where the fastest formulation depends on the backend (depthwise
+convolution), both are kept and selected by ``default_depthwise_impl``; the tests hold
+them equal.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYERNORM_EPS = 1e-5  # torch reference: sqrt(var_biased + 1e-5)
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize default
+
+
+def gelu(x):
+  # The reference uses torch's exact (erf) GELU; jax.nn.gelu defaults to tanh.
+  return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(x, weight, bias=None, eps=LAYERNORM_EPS):
+  """LayerNorm over the channel (last) axis, computed in float32.
+
+  ``bias=None`` is the reference's "BiasFree" variant, which divides by the
+  standard deviation but does not subtract the mean from the output.
+  """
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  mu = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+  inv = jax.lax.rsqrt(var + eps)
+  if bias is None:
+    y = x * inv * weight
+  else:
+    y = (x - mu) * inv * weight + bias
+  return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Depthwise convolution (groups == channels, stride 1, "same" zero padding).
+# XLA:CPU's grouped convolution is ~27x slower than the same op written as
+# shifted multiply-adds (../shared/docs/xla-cpu-notes.md), while on GPU/TPU the
+# library kernels are the right choice. Both give the torch result.
+
+
+def default_depthwise_impl() -> str:
+  return "shift" if jax.default_backend() == "cpu" else "xla"
+
+
+def _shift_sum(xp, kernel, h, w):
+  kh, kw, _ = kernel.shape
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i:i + h, j:j + w, :] * kernel[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+def _pad_same(x, kh, kw):
+  return jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+
+
+@jax.custom_vjp
+def _depthwise_shift(x, kernel):
+  kh, kw, _ = kernel.shape
+  return _shift_sum(_pad_same(x, kh, kw), kernel, x.shape[1], x.shape[2])
+
+
+def _depthwise_shift_fwd(x, kernel):
+  return _depthwise_shift(x, kernel), (x, kernel)
+
+
+def _depthwise_shift_bwd(res, g):
+  # Written out by hand because autodiff of the shifted slices produces a chain
+  # of pads and dynamic-update-slices that XLA:CPU fuses poorly: the input
+  # gradient is the same depthwise op with the flipped kernel, and the kernel
+  # gradient is one reduction per tap.
+  x, kernel = res
+  kh, kw, _ = kernel.shape
+  h, w = x.shape[1], x.shape[2]
+  dx = _shift_sum(_pad_same(g, kh, kw), kernel[::-1, ::-1], h, w)
+  xp = _pad_same(x, kh, kw)
+  taps = [
+      jnp.sum(xp[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2))
+      for i in range(kh) for j in range(kw)
+  ]
+  dk = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dk
+
+
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+
+def depthwise_conv(x, kernel, bias=None, impl: str | None = None):
+  """Depthwise 'same' convolution of NHWC ``x`` with a ``(kh, kw, C)`` kernel.
+
+  Cross-correlation, as torch's Conv2d(groups=C, padding=k//2) computes it.
+  """
+  impl = impl or default_depthwise_impl()
+  kh, kw, c = kernel.shape
+  if kh % 2 == 0 or kw % 2 == 0:
+    raise ValueError(f"depthwise_conv needs odd kernel sizes, got {kh}x{kw}")
+  if impl == "shift":
+    y = _depthwise_shift(x, kernel.astype(x.dtype))
+  elif impl == "xla":
+    y = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype).reshape(kh, kw, 1, c), window_strides=(1, 1),
+        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
+        precision=jax.lax.Precision.HIGHEST)
+  else:
+    raise ValueError(f"unknown depthwise impl {impl!r}; expected 'shift' or 'xla'")
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y
+
+
+def conv2d(x, kernel, bias=None):
+  """Dense 'same' convolution, NHWC input, HWIO kernel, stride 1."""
+  kh, kw = kernel.shape[:2]
+  y = jax.lax.conv_general_dilated(
+      x, kernel.astype(x.dtype), window_strides=(1, 1),
+      padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y
+
+
+def pointwise(x, kernel, bias=None):
+  """1x1 convolution as a matmul over channels; kernel is (in, out)."""
+  y = jnp.dot(x, kernel.astype(x.dtype), precision=jax.lax.Precision.HIGHEST)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y
+
+
+# ----------------------------------------------------------------------------
+# Pixel (un)shuffle with torch's channel order: channel index = c*r*r + i*r + j.
+
+
+def pixel_unshuffle(x, r: int = 2):
+  b, h, w, c = x.shape
+  if h % r or w % r:
+    raise ValueError(f"pixel_unshuffle needs H and W divisible by {r}, got {h}x{w}")
+  x = x.reshape(b, h // r, r, w // r, r, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4)  # b, h', w', c, i, j
+  return x.reshape(b, h // r, w // r, c * r * r)
+
+
+def pixel_shuffle(x, r: int = 2):
+  b, h, w, c = x.shape
+  co = c // (r * r)
+  x = x.reshape(b, h, w, co, r, r)
+  x = x.transpose(0, 1, 4, 2, 5, 3)  # b, h, i, w, j, c
+  return x.reshape(b, h * r, w * r, co)
+
+
+# ----------------------------------------------------------------------------
+# Attention kernels.
+
+
+def _l2_normalize_pixels(x):
+  # F.normalize(dim=-1) over the flattened H*W axis: x / max(||x||, eps).
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1, keepdims=True))
+  return (x / jnp.maximum(norm, NORMALIZE_EPS).astype(x.dtype))
+
+
+def channel_attention(q, k, v, temperature, num_heads: int):
+  """Restormer's transposed (channel) attention, per head, on NHWC q/k/v.
+
+  The reference reshapes to ``b head c (h w)`` and attends over channels; the
+  einsums below do the same contraction over pixels without materialising
+  the transposes.
+  """
+  b, h, w, c = q.shape
+  d = c // num_heads
+  q = _l2_normalize_pixels(q.reshape(b, h * w, num_heads, d))
+  k = _l2_normalize_pixels(k.reshape(b, h * w, num_heads, d))
+  v = v.reshape(b, h * w, num_heads, d)
+  attn = jnp.einsum("bpnc,bpnd->bncd", q, k, precision=jax.lax.Precision.HIGHEST)
+  attn = attn.astype(jnp.float32) * temperature.reshape(1, num_heads, 1, 1)
+  attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bncd,bpnd->bpnc", attn, v, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(b, h, w, c)
+
+
+def fft_patch_product(q, k, patch: int):
+  """irfft2(rfft2(q) * rfft2(k)) over non-overlapping ``patch``x``patch`` tiles.
+
+  As the reference: q and k are zero padded at the bottom/right to a multiple of
+  the patch, the spectra are multiplied without conjugation, FFTs run in float32
+  with norm="backward", and the result is cropped back to H x W.
+  """
+  b, h, w, c = q.shape
+  ph, pw = (-h) % patch, (-w) % patch
+  pad = ((0, 0), (0, ph), (0, pw), (0, 0))
+  hp, wp = (h + ph) // patch, (w + pw) // patch
+
+  def tiles(x):
+    x = jnp.pad(x.astype(jnp.float32), pad)
+    return x.reshape(b, hp, patch, wp, patch, c)
+
+  qf = jnp.fft.rfft2(tiles(q), axes=(2, 4))
+  kf = jnp.fft.rfft2(tiles(k), axes=(2, 4))
+  out = jnp.fft.irfft2(qf * kf, s=(patch, patch), axes=(2, 4))
+  out = out.reshape(b, hp * patch, wp * patch, c)[:, :h, :w, :]
+  return out
+
+
+def num_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+__all__ = [
+    "gelu", "layer_norm", "depthwise_conv", "default_depthwise_impl", "conv2d",
+    "pointwise", "pixel_shuffle", "pixel_unshuffle", "channel_attention",
+    "fft_patch_product", "num_params",
+]
