@@ -18,6 +18,7 @@ import os
 import re
 from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
@@ -107,6 +108,21 @@ def _infer_rank_type(widths, ranks_per_level, num_experts):
                         f"of {RANK_TYPES}")
 
 
+def _infer_ffn_factor(sd, dim, levels) -> float:
+  # Hidden width is int(width * factor) at every level; the weights give the
+  # widths, and the smallest factor reproducing all of them stands for the
+  # original (2.66 and 2.65625 build the same network).
+  hidden = {}
+  for i in range(levels - 1):
+    hidden[dim * 2 ** i] = _shape(sd, f"enc.{i}.0.layers.0.ffn.project_in.weight")[0] // 2
+  hidden[dim * 2 ** (levels - 1)] = _shape(sd, "latent.layers.0.ffn.project_in.weight")[0] // 2
+  factor = max(h / w for w, h in hidden.items())
+  for f in (factor, factor + 1e-9):
+    if all(int(w * f) == h for w, h in hidden.items()):
+      return f
+  raise CheckpointError(f"feed-forward widths {hidden} fit no single expansion factor")
+
+
 def infer_config(sd: Mapping[str, np.ndarray], **overrides) -> model_lib.MoCEIRConfig:
   """Infers a MoCEIRConfig from reference state-dict shapes.
 
@@ -136,7 +152,7 @@ def infer_config(sd: Mapping[str, np.ndarray], **overrides) -> model_lib.MoCEIRC
       dim=int(dim), in_channels=int(in_ch), levels=levels, heads=tuple(heads),
       num_blocks=tuple(num_blocks), num_dec_blocks=tuple(dec_counts[::-1]),
       num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
-      ffn_expansion_factor=_shape(sd, "enc.0.0.layers.0.ffn.project_in.weight")[0] / 2 / dim,
+      ffn_expansion_factor=_infer_ffn_factor(sd, dim, levels),
       layernorm_type="WithBias" if "enc.0.0.layers.0.norms.0.body.bias" in sd else "BiasFree",
       bias="output.bias" in sd, out_channels=int(_shape(sd, "output.weight")[0]),
       num_experts=num_experts, rank=rank if rank_type != "spread" else 2, rank_type=rank_type,
@@ -195,6 +211,66 @@ def _target_path(key: str) -> str:
   return path
 
 
+_INVERSE = [
+    (r"^patch_embed\.", "patch_embed.proj."),
+    (r"^encoder\.(\d+)\.group\.blocks\.(\d+)\.", r"enc.\1.0.layers.\2."),
+    (r"^encoder\.(\d+)\.down\.", r"enc.\1.1.body.0."),
+    (r"^latent\.blocks\.(\d+)\.", r"latent.layers.\1."),
+    (r"^refinement\.blocks\.(\d+)\.", r"refinement.layers.\1."),
+    (r"^freq_embed\.high_pass\.", "freq_embed.high_conv.0.conv."),
+    (r"^freq_embed\.fc1\.", "freq_embed.mlp.0."),
+    (r"^freq_embed\.fc2\.", "freq_embed.mlp.2."),
+    (r"^decoder\.(\d+)\.up\.", r"dec.\1.0.body.0."),
+    (r"^decoder\.(\d+)\.fuse\.", r"dec.\1.1."),
+    (r"^decoder\.(\d+)\.blocks\.(\d+)\.", r"dec.\1.2.layers.\2."),
+    (r"\.norm1\.", ".norms.0.body."),
+    (r"\.norm2\.", ".norms.1.body."),
+    (r"\.(attn|cross)\.proj_out\.", ".mixer.project_out."),
+    (r"\.shared\.proj_out\.", ".shared.project_out."),
+    (r"\.(attn|cross)\.", ".mixer."),
+    (r"\.experts\.(\d+)\.down\.", r".experts.\1.0.proj.0."),
+    (r"\.experts\.(\d+)\.gate\.", r".experts.\1.0.proj.1."),
+    (r"\.experts\.(\d+)\.up\.", r".experts.\1.0.proj.2."),
+    (r"\.experts\.(\d+)\.body\.", r".experts.\1.0.body."),
+    (r"\.body\.norm\.", ".body.norm.body."),
+    (r"\.proj_shared\.", ".proj.0."),
+    (r"\.proj_adapter\.", ".proj.1."),
+    (r"\.router\.gate\.", ".routing.gate.2."),
+    (r"\.router\.", ".routing."),
+    (r"_dw\.", "_dwconv."),
+    (r"\.kernel$", ".weight"),
+]
+_LINEAR = re.compile(r"(router\.(gate|freq_gate)|freq_embed\.fc\d)\.kernel$")
+
+
+def reference_key(path: str) -> str:
+  """The reference state-dict key of one of our parameter paths."""
+  for rx, repl in _INVERSE:
+    path = re.sub(rx, repl, path)
+  return path
+
+
+def _to_torch_layout(path: str, v: np.ndarray) -> np.ndarray:
+  if path.endswith("temperature"):
+    return v.reshape(-1, 1, 1)
+  if v.ndim == 4:  # HWIO -> OIHW
+    return v.transpose(3, 2, 0, 1)
+  if v.ndim == 3:  # depthwise (kh, kw, C) -> (C, 1, kh, kw)
+    return v.transpose(2, 0, 1)[:, None]
+  if v.ndim == 2:
+    return v.T if _LINEAR.search(path) else v.T[:, :, None, None]
+  return v
+
+
+def export_state_dict(model: model_lib.MoCEIR) -> dict[str, np.ndarray]:
+  """Our parameters as a reference (PyTorch-layout) state dict, keys without ``net.``."""
+  out = {}
+  for p, var in nnx.state(model).flat_state():
+    path = ".".join(map(str, p))
+    out[reference_key(path)] = np.ascontiguousarray(_to_torch_layout(path, np.asarray(var[...])))
+  return out
+
+
 def _to_flax_layout(t: np.ndarray, target_shape) -> np.ndarray:
   if t.ndim == 4:
     if len(target_shape) == 4:  # dense conv OIHW -> HWIO
@@ -231,7 +307,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: model_lib.MoCEIRConfig
       bad_shape.append(f"{key}: complexity buffer {value.tolist()} differs from the "
                        f"architecture's {np.asarray(var[...]).tolist()}")
       continue
-    var[...] = value
+    var.set_value(jnp.asarray(value))
     seen.add(path)
   missing = sorted(p for p in flat if p not in seen)
   problems = []

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moceir_jax import layers
+from moceir_jax import layers, ops
 
 DISPATCH_MODES = ("dense", "sparse")
 RANK_TYPES = ("constant", "lin", "double", "exp", "fact", "spread")
@@ -104,8 +104,9 @@ class Router(nnx.Module):
     self.complexity = Buffer(jnp.asarray(complexity, jnp.float32))
 
   def __call__(self, x, freq_emb, *, train: bool, noise_key=None):
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = self.gate(pooled) + self.freq_gate(freq_emb.astype(jnp.float32))
+    acc = ops.acc_dtype(x.dtype)
+    pooled = jnp.mean(x.astype(acc), axis=(1, 2))
+    logits = self.gate(pooled) + self.freq_gate(freq_emb.astype(acc))
     noisy = logits
     if noise_key is not None:
       noisy = logits + jax.random.normal(noise_key, logits.shape, logits.dtype) * self.noise_std
@@ -115,7 +116,7 @@ class Router(nnx.Module):
     if train:
       aux = 0.5 * self._importance_loss(logits) + 0.5 * self._load_loss(logits, noisy, indices)
     else:
-      aux = jnp.zeros((), jnp.float32)  # the reference reports no aux loss in eval
+      aux = jnp.zeros((), logits.dtype)  # the reference reports no aux loss in eval
     info = dict(logits=logits, indices=indices, values=values, gates=gates, aux=aux)
     return gates, indices, values, aux, info
 

@@ -23,7 +23,8 @@ from moceir_jax.moce import COMPLEXITY_SCALES, DISPATCH_MODES, RANK_TYPES, MoCEL
 
 ROUTING_NOISE_MODES = ("train", "always", "off")
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
-DTYPES = ("float32", "bfloat16", "float16")
+# float64 needs jax_enable_x64; it exists to check the float32 path against exact maths.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +176,7 @@ def variant(name: str, **kw) -> MoCEIRConfig:
 
 
 class Output(NamedTuple):
-  image: jax.Array  # (B, H, W, C) float32
+  image: jax.Array  # (B, H, W, C) float32 (float64 for a float64 model)
   aux_loss: jax.Array  # () mean routing balance loss over decoder blocks (0 in eval)
   routing: dict  # block name -> router info (logits, indices, values, gates, aux)
   activations: dict  # reference module path -> activation, when capture=True
@@ -190,12 +191,12 @@ class FrequencyEmbedding(nnx.Module):
     lap[1, 1] = 8.0
     # Initialised to a Laplacian; the reference's "freeze" does not freeze it,
     # so it is trained (and loaded from checkpoints) like any parameter.
-    self.high_pass.kernel[...] = jnp.asarray(np.repeat(lap[:, :, None], dim, axis=2))
+    self.high_pass.kernel.set_value(jnp.asarray(np.repeat(lap[:, :, None], dim, axis=2)))
     self.fc1 = layers.Linear(dim, 2 * dim, bias=True, rngs=rngs)
     self.fc2 = layers.Linear(2 * dim, dim, bias=True, rngs=rngs)
 
   def __call__(self, x):
-    h = jnp.mean(ops.gelu(self.high_pass(x)).astype(jnp.float32), axis=(1, 2))
+    h = jnp.mean(ops.gelu(self.high_pass(x)).astype(ops.acc_dtype(x.dtype)), axis=(1, 2))
     return self.fc2(ops.gelu(self.fc1(h)))
 
 
@@ -304,7 +305,8 @@ class MoCEIR(nnx.Module):
     keys = list(jax.random.split(noise_key, len(names))) if noisy else [None] * len(names)
 
     acts, routing = {}, {}
-    inp = x.astype(jnp.float32)
+    acc = ops.acc_dtype(cfg.dtype)
+    inp = x.astype(acc)
     feats = self.patch_embed(x.astype(cfg.dtype))
     skips = []
     for i, stage in enumerate(self.encoder):
@@ -326,7 +328,7 @@ class MoCEIR(nnx.Module):
         acts[name + ".adapter"], acts[name], routing[name] = adapted, feats, info
         k += 1
     feats = self.refinement(feats)
-    out = self.output(feats).astype(jnp.float32) + inp
+    out = self.output(feats).astype(acc) + inp
     aux = sum(r["aux"] for r in routing.values()) / len(names)
     return Output(out, aux, routing, acts if capture else {})
 

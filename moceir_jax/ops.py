@@ -22,14 +22,19 @@ def gelu(x):
   return jax.nn.gelu(x, approximate=False)
 
 
+def acc_dtype(dtype):
+  """Accumulation dtype: float32 for half types, else the dtype itself (float64 stays)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def layer_norm(x, weight, bias=None, eps=LAYERNORM_EPS):
-  """LayerNorm over the channel (last) axis, computed in float32.
+  """LayerNorm over the channel (last) axis, computed in at least float32.
 
   ``bias=None`` is the reference's "BiasFree" variant, which divides by the
   standard deviation but does not subtract the mean from the output.
   """
   dtype = x.dtype
-  x = x.astype(jnp.float32)
+  x = x.astype(acc_dtype(dtype))
   mu = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
   inv = jax.lax.rsqrt(var + eps)
@@ -168,7 +173,7 @@ def pixel_shuffle(x, r: int = 2):
 
 def _l2_normalize_pixels(x):
   # F.normalize(dim=-1) over the flattened H*W axis: x / max(||x||, eps).
-  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1, keepdims=True))
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc_dtype(x.dtype))), axis=1, keepdims=True))
   return (x / jnp.maximum(norm, NORMALIZE_EPS).astype(x.dtype))
 
 
@@ -185,7 +190,7 @@ def channel_attention(q, k, v, temperature, num_heads: int):
   k = _l2_normalize_pixels(k.reshape(b, h * w, num_heads, d))
   v = v.reshape(b, h * w, num_heads, d)
   attn = jnp.einsum("bpnc,bpnd->bncd", q, k, precision=jax.lax.Precision.HIGHEST)
-  attn = attn.astype(jnp.float32) * temperature.reshape(1, num_heads, 1, 1)
+  attn = attn.astype(acc_dtype(attn.dtype)) * temperature.reshape(1, num_heads, 1, 1)
   attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
   out = jnp.einsum("bncd,bpnd->bpnc", attn, v, precision=jax.lax.Precision.HIGHEST)
   return out.reshape(b, h, w, c)
@@ -195,7 +200,7 @@ def fft_patch_product(q, k, patch: int):
   """irfft2(rfft2(q) * rfft2(k)) over non-overlapping ``patch``x``patch`` tiles.
 
   As the reference: q and k are zero padded at the bottom/right to a multiple of
-  the patch, the spectra are multiplied without conjugation, FFTs run in float32
+  the patch, the spectra are multiplied without conjugation, FFTs run in (at least) float32
   with norm="backward", and the result is cropped back to H x W.
   """
   b, h, w, c = q.shape
@@ -204,7 +209,7 @@ def fft_patch_product(q, k, patch: int):
   hp, wp = (h + ph) // patch, (w + pw) // patch
 
   def tiles(x):
-    x = jnp.pad(x.astype(jnp.float32), pad)
+    x = jnp.pad(x.astype(acc_dtype(x.dtype)), pad)
     return x.reshape(b, hp, patch, wp, patch, c)
 
   qf = jnp.fft.rfft2(tiles(q), axes=(2, 4))
@@ -219,7 +224,7 @@ def num_params(tree) -> int:
 
 
 __all__ = [
-    "gelu", "layer_norm", "depthwise_conv", "default_depthwise_impl", "conv2d",
+    "acc_dtype", "gelu", "layer_norm", "depthwise_conv", "default_depthwise_impl", "conv2d",
     "pointwise", "pixel_shuffle", "pixel_unshuffle", "channel_attention",
     "fft_patch_product", "num_params",
 ]
