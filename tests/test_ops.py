@@ -1,0 +1,136 @@
+"""The NHWC kernels against direct NumPy transcriptions of the torch (NCHW) semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moceir_jax import ops
+
+RNG = np.random.default_rng(0)
+
+
+def _torch_depthwise_nchw(x, w, b=None):
+  """torch Conv2d(groups=C, padding=k//2) on NCHW with weight (C, 1, kh, kw)."""
+  n, c, h, wd = x.shape
+  kh, kw = w.shape[2:]
+  xp = np.pad(x, ((0, 0), (0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)))
+  out = np.zeros_like(x)
+  for i in range(kh):
+    for j in range(kw):
+      out += xp[:, :, i:i + h, j:j + wd] * w[None, :, 0, i, j, None, None]
+  return out if b is None else out + b[None, :, None, None]
+
+
+@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("impl", ["shift", "xla"])
+def test_depthwise_matches_torch_semantics(k, impl):
+  x = RNG.normal(size=(2, 5, 9, 11)).astype(np.float32)
+  w = RNG.normal(size=(5, 1, k, k)).astype(np.float32)
+  b = RNG.normal(size=(5,)).astype(np.float32)
+  ours = ops.depthwise_conv(jnp.asarray(x.transpose(0, 2, 3, 1)),
+                            jnp.asarray(w[:, 0].transpose(1, 2, 0)), jnp.asarray(b), impl=impl)
+  np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), _torch_depthwise_nchw(x, w, b),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_depthwise_shift_gradients_equal_xla(k):
+  # The shift form has a hand-written VJP; autodiff of XLA's grouped conv is the oracle.
+  x = jnp.asarray(RNG.normal(size=(2, 6, 10, 4)), jnp.float32)
+  w = jnp.asarray(RNG.normal(size=(k, k, 4)), jnp.float32)
+  g = jnp.asarray(RNG.normal(size=(2, 6, 10, 4)), jnp.float32)
+
+  def loss(impl):
+    return lambda x, w: jnp.sum(ops.depthwise_conv(x, w, impl=impl) * g)
+
+  dx_s, dw_s = jax.grad(loss("shift"), argnums=(0, 1))(x, w)
+  dx_x, dw_x = jax.grad(loss("xla"), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(dx_s, dx_x, atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(dw_s, dw_x, atol=1e-4, rtol=1e-5)
+
+
+def test_depthwise_rejects_even_kernels_and_unknown_impl():
+  x = jnp.zeros((1, 4, 4, 2))
+  with pytest.raises(ValueError, match="odd kernel"):
+    ops.depthwise_conv(x, jnp.zeros((2, 2, 2)))
+  with pytest.raises(ValueError, match="unknown depthwise impl 'cudnn'"):
+    ops.depthwise_conv(x, jnp.zeros((3, 3, 2)), impl="cudnn")
+
+
+def test_pixel_unshuffle_uses_torch_channel_order():
+  # torch.nn.PixelUnshuffle(2): out[c*4 + i*2 + j, y, x] = in[c, 2y+i, 2x+j]
+  x = RNG.normal(size=(1, 3, 4, 6)).astype(np.float32)
+  expected = np.zeros((1, 12, 2, 3), np.float32)
+  for c in range(3):
+    for i in range(2):
+      for j in range(2):
+        expected[0, c * 4 + i * 2 + j] = x[0, c, i::2, j::2]
+  ours = ops.pixel_unshuffle(jnp.asarray(x.transpose(0, 2, 3, 1)))
+  np.testing.assert_array_equal(np.asarray(ours).transpose(0, 3, 1, 2), expected)
+  back = ops.pixel_shuffle(ours)
+  np.testing.assert_array_equal(np.asarray(back).transpose(0, 3, 1, 2), x)
+  with pytest.raises(ValueError, match="divisible by 2"):
+    ops.pixel_unshuffle(jnp.zeros((1, 3, 4, 1)))
+
+
+def test_layer_norm_with_and_without_bias():
+  x = RNG.normal(size=(2, 3, 4, 6)).astype(np.float32) * 3 + 1
+  w = RNG.normal(size=(6,)).astype(np.float32)
+  b = RNG.normal(size=(6,)).astype(np.float32)
+  mu = x.mean(-1, keepdims=True)
+  var = x.var(-1, keepdims=True)
+  np.testing.assert_allclose(ops.layer_norm(jnp.asarray(x), w, b),
+                             (x - mu) / np.sqrt(var + 1e-5) * w + b, atol=1e-5)
+  # BiasFree divides by the std but keeps the mean
+  np.testing.assert_allclose(ops.layer_norm(jnp.asarray(x), w, None), x / np.sqrt(var + 1e-5) * w,
+                             atol=1e-5)
+
+
+def test_gelu_is_exact_erf():
+  x = jnp.linspace(-4, 4, 101)
+  from scipy.special import erf  # pylint: disable=import-outside-toplevel
+  np.testing.assert_allclose(ops.gelu(x), 0.5 * x * (1 + erf(np.asarray(x) / np.sqrt(2))),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("patch", [4, 8])
+def test_fft_patch_product_is_circular_convolution_per_tile(patch):
+  # irfft2(rfft2(q) * rfft2(k)) on a zero-padded tile is the circular
+  # convolution of the tiles; check it directly, including the bottom/right
+  # padding of a size that is not a multiple of the patch.
+  h, w, c = 10, 13, 2
+  q = RNG.normal(size=(1, h, w, c)).astype(np.float32)
+  k = RNG.normal(size=(1, h, w, c)).astype(np.float32)
+  hp, wp = -(-h // patch) * patch, -(-w // patch) * patch
+  qp = np.zeros((hp, wp, c)); qp[:h, :w] = q[0]
+  kp = np.zeros((hp, wp, c)); kp[:h, :w] = k[0]
+  expected = np.zeros((hp, wp, c))
+  for ty in range(0, hp, patch):
+    for tx in range(0, wp, patch):
+      qt, kt = qp[ty:ty + patch, tx:tx + patch], kp[ty:ty + patch, tx:tx + patch]
+      for y in range(patch):
+        for x in range(patch):
+          rolled = np.roll(np.roll(kt[::-1, ::-1], y + 1, axis=0), x + 1, axis=1)
+          expected[ty + y, tx + x] = np.sum(qt * rolled, axis=(0, 1))
+  ours = ops.fft_patch_product(jnp.asarray(q), jnp.asarray(k), patch)
+  np.testing.assert_allclose(np.asarray(ours)[0], expected[:h, :w], atol=1e-4)
+
+
+def test_channel_attention_matches_reference_reshapes():
+  b, h, w, heads, d = 2, 3, 5, 2, 3
+  c = heads * d
+  q, k, v = (RNG.normal(size=(b, h, w, c)).astype(np.float32) for _ in range(3))
+  t = RNG.normal(size=(heads,)).astype(np.float32)
+
+  def ref(q, k, v):  # 'b (head c) h w -> b head c (h w)' in NumPy
+    to = lambda a: a.transpose(0, 3, 1, 2).reshape(b, heads, d, h * w)
+    q, k, v = to(q), to(k), to(v)
+    q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+    k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-12)
+    a = q @ k.transpose(0, 1, 3, 2) * t[None, :, None, None]
+    a = np.exp(a - a.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    return (a @ v).reshape(b, c, h, w).transpose(0, 2, 3, 1)
+
+  np.testing.assert_allclose(ops.channel_attention(q, k, v, t, heads), ref(q, k, v), atol=1e-5)
