@@ -70,6 +70,14 @@ def load_model(directory: str, **config_overrides) -> model_lib.MoCEIR:
       state = ckptr.restore(os.path.join(os.path.abspath(directory), STATE_DIR), target)
     except (ValueError, KeyError) as e:
       raise ValueError(f"{directory}: saved parameters do not fit its {CONFIG_FILE}: {e}") from e
+  # Orbax restores what was saved even when the target disagrees; check here.
+  bad = [f"{jax.tree_util.keystr(p)}: saved {tuple(a.shape)}, config needs {tuple(t.shape)}"
+         for (p, a), t in zip(jax.tree_util.tree_leaves_with_path(state),
+                              jax.tree_util.tree_leaves(target))
+         if tuple(a.shape) != tuple(t.shape)]
+  if bad:
+    raise ValueError(f"{directory}: saved parameters do not fit its {CONFIG_FILE}: "
+                     + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
   model = model_lib.create(cfg)
   nnx.replace_by_pure_dict(graph_state := nnx.state(model), state)
   nnx.update(model, graph_state)

@@ -174,12 +174,14 @@ class MoCELayer(nnx.Module):
   def _sparse(self, x, shared, indices, values):
     branches = [lambda xb, sb, e=e: self.experts[e](xb, sb) for e in range(len(self.experts))]
 
-    def one_image(args):
-      xb, sb, idx, val = args
-      xb, sb = xb[None], sb[None]
-      out = jnp.zeros_like(xb)
+    def one_image(xb, sb, idx, val):  # xb, sb: (1, H, W, C); idx, val: (k,)
+      out = None
       for j in range(idx.shape[0]):
-        out = out + val[j].astype(xb.dtype) * jax.lax.switch(idx[j], branches, xb, sb)
-      return out[0]
+        term = val[j].astype(xb.dtype) * jax.lax.switch(idx[j], branches, xb, sb)
+        out = term if out is None else out + term
+      return out
 
-    return jax.lax.map(one_image, (x, shared, indices, values))
+    if x.shape[0] == 1:  # the common inference case: no loop needed
+      return one_image(x, shared, indices[0], values[0])
+    return jax.lax.map(lambda a: one_image(a[0][None], a[1][None], a[2], a[3])[0],
+                       (x, shared, indices, values))
