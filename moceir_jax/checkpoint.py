@@ -26,7 +26,7 @@ STATE_DIR = "state"
 
 
 def _plain_state(model: model_lib.MoCEIR) -> dict:
-  return nnx.state(model).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model))
 
 
 def save_model(directory: str, model: model_lib.MoCEIR) -> None:
@@ -79,6 +79,7 @@ def load_model(directory: str, **config_overrides) -> model_lib.MoCEIR:
     raise ValueError(f"{directory}: saved parameters do not fit its {CONFIG_FILE}: "
                      + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
   model = model_lib.create(cfg)
-  nnx.replace_by_pure_dict(graph_state := nnx.state(model), state)
+  graph_state = nnx.state(model)
+  nnx.replace_by_pure_dict(graph_state, state)
   nnx.update(model, graph_state)
   return model

@@ -265,7 +265,7 @@ def _to_torch_layout(path: str, v: np.ndarray) -> np.ndarray:
 def export_state_dict(model: model_lib.MoCEIR) -> dict[str, np.ndarray]:
   """Our parameters as a reference (PyTorch-layout) state dict, keys without ``net.``."""
   out = {}
-  for p, var in nnx.state(model).flat_state():
+  for p, var in nnx.to_flat_state(nnx.state(model)):
     path = ".".join(map(str, p))
     out[reference_key(path)] = np.ascontiguousarray(_to_torch_layout(path, np.asarray(var[...])))
   return out
@@ -290,7 +290,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: model_lib.MoCEIRConfig
   """Builds a MoCEIR with ``cfg`` and fills it from a reference state dict."""
   model = model_lib.create(cfg)
   state = nnx.state(model)
-  flat = {".".join(map(str, p)): v for p, v in state.flat_state()}
+  flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
   unknown, bad_shape, seen = [], [], set()
   for key, tensor in sorted(sd.items()):
     path = _target_path(key)

@@ -160,8 +160,8 @@ def test_export_convert_round_trip(cfg):
   assert all(int(w * inferred.ffn_expansion_factor) == int(w * cfg.ffn_expansion_factor)
              for w in [cfg.dim * 2 ** i for i in range(cfg.levels)])
   back = convert.convert_state_dict(sd, inferred)
-  ours = dict(nnx.state(model).flat_state())
-  theirs = dict(nnx.state(back).flat_state())
+  ours = dict(nnx.to_flat_state(nnx.state(model)))
+  theirs = dict(nnx.to_flat_state(nnx.state(back)))
   assert ours.keys() == theirs.keys()
   for path in ours:
     np.testing.assert_array_equal(theirs[path][...], ours[path][...], err_msg=str(path))
@@ -230,8 +230,8 @@ def test_cli_writes_a_model_that_loads(tmp_path):
   assert loaded.cfg == model_lib.MoCEIRConfig.from_reference_kwargs(reference_config("tinyB"))
   direct = convert.load_reference(reference_file("tinyB_state_dict.npz"), top_k=2,
                                   with_complexity=False)
-  ours = dict(nnx.state(loaded).flat_state())
-  for path, var in nnx.state(direct).flat_state():
+  ours = dict(nnx.to_flat_state(nnx.state(loaded)))
+  for path, var in nnx.to_flat_state(nnx.state(direct)):
     np.testing.assert_array_equal(ours[path][...], var[...], err_msg=str(path))
   assert os.listdir(tmp_path) == ["converted"]  # no temporary directory left behind
 

@@ -60,8 +60,8 @@ def test_model_directory_round_trip(tmp_path, tiny):
   assert sorted(os.listdir(tmp_path)) == ["model"]
   loaded = checkpoint.load_model(path)
   assert loaded.cfg == tiny.cfg
-  ours = dict(nnx.state(tiny).flat_state())
-  for p, v in nnx.state(loaded).flat_state():
+  ours = dict(nnx.to_flat_state(nnx.state(tiny)))
+  for p, v in nnx.to_flat_state(nnx.state(loaded)):
     np.testing.assert_array_equal(v[...], ours[p][...])
   # run-time fields can be overridden at load time
   assert checkpoint.load_model(path, routing_noise="always").cfg.routing_noise == "always"

@@ -61,7 +61,7 @@ def test_sparse_and_dense_gradients_agree(top_k):
   (ls, _), gs = jax.jit(jax.value_and_grad(lambda p: loss(p, "sparse"), has_aux=True))(params)
   np.testing.assert_array_equal(np.asarray(idx)[:, 0], chosen)
   np.testing.assert_allclose(ls, ld, rtol=1e-6)
-  flat_d, flat_s = dict(gd.flat_state()), dict(gs.flat_state())
+  flat_d, flat_s = dict(nnx.to_flat_state(gd)), dict(nnx.to_flat_state(gs))
   for path, g in flat_d.items():
     np.testing.assert_allclose(flat_s[path][...], g[...], atol=1e-6, rtol=1e-4, err_msg=str(path))
   used = set(np.asarray(idx).ravel().tolist())
