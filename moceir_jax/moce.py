@@ -103,14 +103,21 @@ class Router(nnx.Module):
     self.freq_gate = layers.Linear(freq_dim, num_experts, bias=False, rngs=rngs)
     self.complexity = Buffer(jnp.asarray(complexity, jnp.float32))
 
-  def __call__(self, x, freq_emb, *, train: bool, noise_key=None):
+  def __call__(self, x, freq_emb, *, train: bool, noise_key=None, override=None):
+    """``override=(indices, values)`` imposes a routing decision made elsewhere
+    (e.g. on a downscaled view of a whole image that is restored in tiles)."""
     acc = ops.acc_dtype(x.dtype)
     pooled = jnp.mean(x.astype(acc), axis=(1, 2))
     logits = self.gate(pooled) + self.freq_gate(freq_emb.astype(acc))
     noisy = logits
     if noise_key is not None:
       noisy = logits + jax.random.normal(noise_key, logits.shape, logits.dtype) * self.noise_std
-    values, indices = jax.lax.top_k(jax.nn.softmax(noisy, axis=-1), self.top_k)
+    if override is None:
+      values, indices = jax.lax.top_k(jax.nn.softmax(noisy, axis=-1), self.top_k)
+    else:
+      indices, values = override
+      indices = jnp.broadcast_to(indices, (logits.shape[0], self.top_k)).astype(jnp.int32)
+      values = jnp.broadcast_to(values, (logits.shape[0], self.top_k)).astype(logits.dtype)
     gates = jnp.sum(jax.nn.one_hot(indices, self.num_experts, dtype=values.dtype)
                     * values[..., None], axis=1)
     if train:
@@ -158,8 +165,10 @@ class MoCELayer(nnx.Module):
                          complexity_weights(counts, complexity_scale),
                          use_complexity=with_complexity, rngs=rngs)
 
-  def __call__(self, x, freq_emb, shared, *, train: bool, noise_key=None, dispatch="dense"):
-    gates, indices, values, aux, info = self.router(x, freq_emb, train=train, noise_key=noise_key)
+  def __call__(self, x, freq_emb, shared, *, train: bool, noise_key=None, dispatch="dense",
+               override=None):
+    gates, indices, values, aux, info = self.router(x, freq_emb, train=train, noise_key=noise_key,
+                                                    override=override)
     if dispatch == "dense":
       out = None
       for e, expert in enumerate(self.experts):

@@ -217,11 +217,11 @@ class DecoderBlock(nnx.Module):
     self.norm2 = layers.LayerNorm(dim, with_bias=ln_bias)
     self.ffn = layers.FeedForward(dim, cfg.ffn_expansion_factor, bias=bias, rngs=rngs, impl=impl)
 
-  def __call__(self, x, freq_emb, *, train, noise_key, dispatch):
+  def __call__(self, x, freq_emb, *, train, noise_key, dispatch, override=None):
     h = self.norm1(x)
     shared = self.shared(self.proj_shared(h))
     adapted, info = self.adapter(self.proj_adapter(h), freq_emb, shared, train=train,
-                                 noise_key=noise_key, dispatch=dispatch)
+                                 noise_key=noise_key, dispatch=dispatch, override=override)
     x = x + self.cross(adapted, shared)
     x = x + self.ffn(self.norm2(x))
     return x, adapted, info
@@ -279,12 +279,14 @@ class MoCEIR(nnx.Module):
     self.output = layers.Conv(cfg.dim, cfg.out_channels, 3, bias=cfg.bias, rngs=rngs)
 
   def __call__(self, x, *, train: bool = False, noise_key=None, dispatch: str | None = None,
-               capture: bool = False) -> Output:
+               capture: bool = False, routing: dict | None = None) -> Output:
     """Restores ``x`` (B, H, W, C) with H and W multiples of ``cfg.size_multiple``.
 
     ``noise_key`` drives the routing noise where ``cfg.routing_noise`` asks for
     it; ``dispatch`` defaults to dense in training and sparse otherwise.
     ``capture`` also returns intermediate activations (for parity checks).
+    ``routing`` maps decoder block names to ``(indices, values)`` to impose a
+    routing decision (broadcast over the batch) instead of the router's own.
     """
     cfg = self.cfg
     if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
@@ -304,7 +306,7 @@ class MoCEIR(nnx.Module):
     names = cfg.block_names()
     keys = list(jax.random.split(noise_key, len(names))) if noisy else [None] * len(names)
 
-    acts, routing = {}, {}
+    acts, decisions = {}, {}
     acc = ops.acc_dtype(cfg.dtype)
     inp = x.astype(acc)
     feats = self.patch_embed(x.astype(cfg.dtype))
@@ -324,13 +326,14 @@ class MoCEIR(nnx.Module):
       feats = stage.fuse(jnp.concatenate([feats, skips.pop()], axis=-1))
       for blk in stage.blocks:
         name = names[k]
-        feats, adapted, info = blk(feats, freq, train=train, noise_key=keys[k], dispatch=dispatch)
-        acts[name + ".adapter"], acts[name], routing[name] = adapted, feats, info
+        feats, adapted, info = blk(feats, freq, train=train, noise_key=keys[k], dispatch=dispatch,
+                                   override=None if routing is None else routing[name])
+        acts[name + ".adapter"], acts[name], decisions[name] = adapted, feats, info
         k += 1
     feats = self.refinement(feats)
     out = self.output(feats).astype(acc) + inp
-    aux = sum(r["aux"] for r in routing.values()) / len(names)
-    return Output(out, aux, routing, acts if capture else {})
+    aux = sum(r["aux"] for r in decisions.values()) / len(names)
+    return Output(out, aux, decisions, acts if capture else {})
 
 
 # ----------------------------------------------------------------------------
