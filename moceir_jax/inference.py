@@ -17,23 +17,7 @@ import numpy as np
 from flax import nnx
 
 from moceir_jax import model as model_lib
-
-
-def pad_to(x, height: int, width: int):
-  """Pads NHWC ``x`` at the bottom/right to ``height`` x ``width``.
-
-  Reflection keeps image statistics at the border (zeros would look like a dark
-  frame to the router's global pooling). Reflection adds at most size-1 rows at
-  a time, so it repeats as needed; 1-pixel axes are edge-padded instead.
-  """
-  xp = jnp if isinstance(x, jax.Array) else np
-  for axis, target in ((1, height), (2, width)):
-    while x.shape[axis] < target:
-      size = x.shape[axis]
-      widths = [(0, 0)] * x.ndim
-      widths[axis] = (0, min(target - size, max(size - 1, 0)) or target - size)
-      x = xp.pad(x, widths, mode="reflect" if size > 1 else "edge")
-  return x
+from moceir_jax.padding import pad_to
 
 
 def pad_to_multiple(x, multiple: int):

@@ -1,0 +1,180 @@
+"""Grain input pipeline: mixed-task training batches and whole-image evaluation samples.
+
+Training: one source per task (pairs from :mod:`moceir_jax.datasets`, or clean
+images to degrade on the fly), each shuffled and repeated, mixed with per-task
+weights (by default the official repeat factors times the set sizes), then
+per-sample loading, aligned random crop, one of the 8 flips/rotations applied
+to both images, and the task's synthetic degradation where the pair has no
+degraded file. Every random choice comes from the per-sample generator Grain
+derives from the seed and the sample's index, so batches are identical for any
+number of worker processes, and the iterator state can be checkpointed and
+restored to continue exactly. Each process reads its own slice of the stream
+(``shard_index::shard_count``) for multi-host training.
+
+Elements are dicts of NumPy arrays: ``degraded`` and ``clean`` (B, P, P, 3)
+float32 in [0, 1] and ``task`` (B,) int32, an index into the task list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import zlib
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from moceir_jax import datasets, degradations, images
+from moceir_jax.padding import pad_to
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSource:
+  """Pairs of one task and the weight with which it is sampled."""
+  task: str
+  pairs: tuple[datasets.Pair, ...]
+  weight: float
+
+  @classmethod
+  def official(cls, task: str, pairs: Sequence[datasets.Pair]) -> "TaskSource":
+    # The reference concatenates each set repeated REPEATS[task] times and
+    # shuffles the lot, so a task is drawn with probability ∝ repeats × size.
+    return cls(task, tuple(pairs), float(datasets.REPEATS.get(task, 1) * len(pairs)))
+
+
+def random_crop(degraded: np.ndarray, clean: np.ndarray, patch: int, rng) -> tuple:
+  """The same random patch of both images; images smaller than the patch are reflect-padded."""
+  if degraded.shape != clean.shape:
+    raise ValueError(f"degraded {degraded.shape} and clean {clean.shape} sizes differ")
+  degraded, clean = pad_to(degraded, patch, patch), pad_to(clean, patch, patch)
+  h, w = clean.shape[:2]
+  y = int(rng.integers(0, h - patch + 1))
+  x = int(rng.integers(0, w - patch + 1))
+  return degraded[y:y + patch, x:x + patch], clean[y:y + patch, x:x + patch]
+
+
+def flip_rotate(img: np.ndarray, mode: int) -> np.ndarray:
+  """One of the 8 symmetries of the square (0 is the identity)."""
+  if mode >= 4:
+    img = img[:, ::-1]
+  return np.rot90(img, k=mode % 4)
+
+
+class _LoadSample:
+  """Picklable per-sample transform (it runs inside worker processes)."""
+
+  def __init__(self, tasks: Sequence[str], patch: int, augment: bool, on_error: str):
+    self.task_ids = {t: i for i, t in enumerate(tasks)}
+    self.patch, self.augment, self.on_error = patch, augment, on_error
+
+  def __call__(self, pair: datasets.Pair, rng: np.random.Generator):
+    try:
+      clean, _ = images.read_image(pair.clean)
+      degraded = clean if pair.degraded is None else images.read_image(pair.degraded)[0]
+      if degraded.shape != clean.shape:
+        raise images.ImageError(f"{pair.degraded}: size {degraded.shape[:2]} differs from its "
+                                f"clean image {pair.clean} {clean.shape[:2]}")
+    except images.ImageError as e:
+      if self.on_error == "fail":
+        raise
+      logging.warning("skipping unreadable sample: %s", e)
+      return None
+    degraded, clean = random_crop(degraded, clean, self.patch, rng)
+    if self.augment:
+      mode = int(rng.integers(0, 8))
+      degraded, clean = flip_rotate(degraded, mode), flip_rotate(clean, mode)
+    if pair.degraded is None:  # synthesise the task's degradation on the crop
+      degraded = degradations.get(pair.task)(np.ascontiguousarray(clean), rng)
+    return {"degraded": np.ascontiguousarray(degraded, np.float32),
+            "clean": np.ascontiguousarray(clean, np.float32),
+            "task": np.int32(self.task_ids[pair.task])}
+
+
+def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int = 128,
+                  seed: int = 0, shard_index: int = 0, shard_count: int = 1,
+                  worker_count: int = 0, augment: bool = True,
+                  on_error: str = "fail") -> grain.IterDataset:
+  """An infinite, deterministic stream of training batches for this process.
+
+  ``batch_size`` is per process. ``on_error``: "fail" raises on an unreadable
+  file (naming it); "skip" logs it and draws on.
+  """
+  if on_error not in ("fail", "skip"):
+    raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+  if not sources:
+    raise ValueError("no training sources")
+  for s in sources:
+    if not s.pairs:
+      raise ValueError(f"task {s.task!r} has no samples")
+    if any(p.degraded is None for p in s.pairs):
+      degradations.get(s.task)  # fail now, not in a worker, on an unknown task name
+  tasks = [s.task for s in sources]
+  parts = [grain.MapDataset.source(list(s.pairs)).shuffle(seed=seed + 7919 * i).repeat()
+           for i, s in enumerate(sources)]
+  total = sum(s.weight for s in sources)
+  mixed = grain.MapDataset.mix(parts, [s.weight / total for s in sources])
+  mixed = mixed[shard_index::shard_count]
+  ds = mixed.random_map(_LoadSample(tasks, patch, augment, on_error), seed=seed)
+  it = ds.to_iter_dataset().filter(lambda x: x is not None)
+  if worker_count > 0:
+    # Grain's workers read its absl flags; outside an absl app (notebooks,
+    # tests) they are unparsed, so accept their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    # Workers load samples (the expensive part) and take every N-th element;
+    # Grain interleaves them back in order, and batching happens afterwards
+    # so batches are identical for any number of workers.
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  it = it.batch(batch_size, drop_remainder=True)
+  return it
+
+
+def benchmark_noise_seed(path: str, sigma: float) -> int:
+  """A fixed seed per test image and noise level (stable across runs and machines)."""
+  return zlib.crc32(f"{path.rsplit('/', 1)[-1]}:{sigma:g}".encode())
+
+
+def eval_samples(pairs: Sequence[datasets.Pair]) -> Iterator[dict]:
+  """Whole images in the given (fixed) order: degraded, clean, name, task."""
+  for pair in pairs:
+    clean, _ = images.read_image(pair.clean)
+    if pair.degraded is None:
+      sigma = datasets.NOISE_SIGMA.get(pair.task)
+      deg = degradations.get(pair.task)
+      rng = np.random.default_rng(benchmark_noise_seed(pair.clean, sigma or 0.0))
+      degraded = deg(clean, rng)
+    else:
+      degraded, _ = images.read_image(pair.degraded)
+      if degraded.shape != clean.shape:
+        raise images.ImageError(f"{pair.degraded}: size {degraded.shape[:2]} differs from its "
+                                f"clean image {pair.clean} {clean.shape[:2]}")
+    yield {"degraded": degraded, "clean": clean, "name": pair.name, "task": pair.task}
+
+
+def official_sources(root: str, task_set: str) -> list[TaskSource]:
+  """Training sources of the all-in-one settings (``aio3``/``aio5``) or CDD11 (``cdd11[:subset]``)."""
+  if task_set.startswith("cdd11"):
+    subset = task_set.split(":", 1)[1] if ":" in task_set else "all"
+    pairs = datasets.cdd11_pairs(root, "train", subset)
+    by_task: dict[str, list] = {}
+    for p in pairs:
+      by_task.setdefault(p.task, []).append(p)
+    return [TaskSource(t, tuple(ps), float(datasets.REPEATS["cdd11"] * len(ps)))
+            for t, ps in sorted(by_task.items())]
+  if task_set not in datasets.TASK_SETS:
+    raise ValueError(f"unknown task set {task_set!r}; expected one of "
+                     f"{sorted(datasets.TASK_SETS)} or cdd11[:subset]")
+  return [TaskSource.official(t, datasets.train_pairs(root, t))
+          for t in datasets.TASK_SETS[task_set]]
+
+
+def synthetic_sources(clean_paths: Sequence[str], tasks: Sequence[str],
+                      weights: Sequence[float] | None = None) -> list[TaskSource]:
+  """Every task synthesised from the same clean images (equal weights by default)."""
+  weights = weights or [1.0] * len(tasks)
+  for t in tasks:
+    degradations.get(t)
+  return [TaskSource(t, tuple(datasets.Pair(clean=c, degraded=None, task=t) for c in clean_paths),
+                     float(w)) for t, w in zip(tasks, weights)]
