@@ -92,6 +92,19 @@ class _LoadSample:
             "task": np.int32(self.task_ids[pair.task])}
 
 
+class SkipCounter:
+  """Filter that drops skipped (None) samples and counts them, in the main process."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, sample) -> bool:
+    if sample is None:
+      self.count += 1
+      return False
+    return True
+
+
 def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int = 128,
                   seed: int = 0, shard_index: int = 0, shard_count: int = 1,
                   worker_count: int = 0, augment: bool = True,
@@ -117,7 +130,7 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
   mixed = grain.MapDataset.mix(parts, [s.weight / total for s in sources])
   mixed = mixed[shard_index::shard_count]
   ds = mixed.random_map(_LoadSample(tasks, patch, augment, on_error), seed=seed)
-  it = ds.to_iter_dataset().filter(lambda x: x is not None)
+  it = ds.to_iter_dataset(allow_nones=True)  # Nones reach SkipCounter below
   if worker_count > 0:
     # Grain's workers read its absl flags; outside an absl app (notebooks,
     # tests) they are unparsed, so accept their defaults.
@@ -127,7 +140,9 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
     # Grain interleaves them back in order, and batching happens afterwards
     # so batches are identical for any number of workers.
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  it = it.batch(batch_size, drop_remainder=True)
+  skipped = SkipCounter()
+  it = it.filter(skipped).batch(batch_size, drop_remainder=True)
+  it.skipped = skipped  # how many unreadable samples were passed over (on_error="skip")
   return it
 
 
