@@ -12,7 +12,8 @@ restored to continue exactly. Each process reads its own slice of the stream
 (``shard_index::shard_count``) for multi-host training.
 
 Elements are dicts of NumPy arrays: ``degraded`` and ``clean`` (B, P, P, 3)
-float32 in [0, 1] and ``task`` (B,) int32, an index into the task list.
+float32 in [0, 1], ``task`` (B,) int32, an index into the task list, and
+``skipped`` (B,) int32, unreadable files passed over (``on_error="skip"``).
 """
 
 from __future__ import annotations
@@ -65,22 +66,36 @@ def flip_rotate(img: np.ndarray, mode: int) -> np.ndarray:
 class _LoadSample:
   """Picklable per-sample transform (it runs inside worker processes)."""
 
-  def __init__(self, tasks: Sequence[str], patch: int, augment: bool, on_error: str):
-    self.task_ids = {t: i for i, t in enumerate(tasks)}
+  MAX_RETRIES = 10
+
+  def __init__(self, sources: Sequence[TaskSource], patch: int, augment: bool, on_error: str):
+    self.task_ids = {s.task: i for i, s in enumerate(sources)}
+    self.pairs = {s.task: s.pairs for s in sources}
     self.patch, self.augment, self.on_error = patch, augment, on_error
 
+  def _read(self, pair):
+    clean, _ = images.read_image(pair.clean)
+    degraded = clean if pair.degraded is None else images.read_image(pair.degraded)[0]
+    if degraded.shape != clean.shape:
+      raise images.ImageError(f"{pair.degraded}: size {degraded.shape[:2]} differs from its "
+                              f"clean image {pair.clean} {clean.shape[:2]}")
+    return degraded, clean
+
   def __call__(self, pair: datasets.Pair, rng: np.random.Generator):
-    try:
-      clean, _ = images.read_image(pair.clean)
-      degraded = clean if pair.degraded is None else images.read_image(pair.degraded)[0]
-      if degraded.shape != clean.shape:
-        raise images.ImageError(f"{pair.degraded}: size {degraded.shape[:2]} differs from its "
-                                f"clean image {pair.clean} {clean.shape[:2]}")
-    except images.ImageError as e:
-      if self.on_error == "fail":
-        raise
-      logging.warning("skipping unreadable sample: %s", e)
-      return None
+    skipped = 0
+    while True:
+      try:
+        degraded, clean = self._read(pair)
+        break
+      except images.ImageError as e:
+        if self.on_error == "fail" or skipped >= self.MAX_RETRIES:
+          raise
+        # Skip: draw another sample of the same task from this sample's own
+        # generator, so the stream stays deterministic.
+        logging.warning("skipping unreadable sample: %s", e)
+        skipped += 1
+        candidates = self.pairs[pair.task]
+        pair = candidates[int(rng.integers(0, len(candidates)))]
     degraded, clean = random_crop(degraded, clean, self.patch, rng)
     if self.augment:
       mode = int(rng.integers(0, 8))
@@ -89,20 +104,8 @@ class _LoadSample:
       degraded = degradations.get(pair.task)(np.ascontiguousarray(clean), rng)
     return {"degraded": np.ascontiguousarray(degraded, np.float32),
             "clean": np.ascontiguousarray(clean, np.float32),
-            "task": np.int32(self.task_ids[pair.task])}
-
-
-class SkipCounter:
-  """Filter that drops skipped (None) samples and counts them, in the main process."""
-
-  def __init__(self):
-    self.count = 0
-
-  def __call__(self, sample) -> bool:
-    if sample is None:
-      self.count += 1
-      return False
-    return True
+            "task": np.int32(self.task_ids[pair.task]),
+            "skipped": np.int32(skipped)}
 
 
 def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int = 128,
@@ -112,7 +115,8 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
   """An infinite, deterministic stream of training batches for this process.
 
   ``batch_size`` is per process. ``on_error``: "fail" raises on an unreadable
-  file (naming it); "skip" logs it and draws on.
+  file (naming it); "skip" logs it and draws another sample of the same task;
+  each batch's ``skipped`` entry counts the files passed over.
   """
   if on_error not in ("fail", "skip"):
     raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -123,26 +127,22 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
       raise ValueError(f"task {s.task!r} has no samples")
     if any(p.degraded is None for p in s.pairs):
       degradations.get(s.task)  # fail now, not in a worker, on an unknown task name
-  tasks = [s.task for s in sources]
   parts = [grain.MapDataset.source(list(s.pairs)).shuffle(seed=seed + 7919 * i).repeat()
            for i, s in enumerate(sources)]
   total = sum(s.weight for s in sources)
   mixed = grain.MapDataset.mix(parts, [s.weight / total for s in sources])
   mixed = mixed[shard_index::shard_count]
-  ds = mixed.random_map(_LoadSample(tasks, patch, augment, on_error), seed=seed)
-  it = ds.to_iter_dataset(allow_nones=True)  # Nones reach SkipCounter below
+  ds = mixed.random_map(_LoadSample(sources, patch, augment, on_error), seed=seed)
+  # Batches are formed before the workers, each worker building whole batches
+  # (batch k from samples kB..kB+B-1) that Grain interleaves back in order:
+  # identical batches for any number of workers, and one transfer per batch.
+  it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
   if worker_count > 0:
     # Grain's workers read its absl flags; outside an absl app (notebooks,
     # tests) they are unparsed, so accept their defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    # Workers load samples (the expensive part) and take every N-th element;
-    # Grain interleaves them back in order, and batching happens afterwards
-    # so batches are identical for any number of workers.
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  skipped = SkipCounter()
-  it = it.filter(skipped).batch(batch_size, drop_remainder=True)
-  it.skipped = skipped  # how many unreadable samples were passed over (on_error="skip")
   return it
 
 
