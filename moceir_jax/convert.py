@@ -342,11 +342,16 @@ def load_reference(path: str, **overrides) -> model_lib.MoCEIR:
 # Command line.
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("ckpt", None, "Official checkpoint (.ckpt/.pth) or .npz state dict.")
-flags.DEFINE_string("out", None, "Output directory for the converted model checkpoint.")
-flags.DEFINE_integer("top_k", 1, "Experts per image (not recorded in the weights).")
-flags.DEFINE_bool("with_complexity", True,
-                  "Complexity bias in the balance loss (training only; not in the weights).")
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing the
+  module never claims flag names."""
+  flags.DEFINE_string("ckpt", None, "Official checkpoint (.ckpt/.pth) or .npz state dict.")
+  flags.DEFINE_string("out", None, "Output directory for the converted model checkpoint.")
+  flags.DEFINE_integer("top_k", 1, "Experts per image (not recorded in the weights).")
+  flags.DEFINE_bool("with_complexity", True,
+                    "Complexity bias in the balance loss (training only; not in the weights).")
 
 
 def main(argv):
@@ -366,4 +371,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -17,12 +17,17 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "Model directory (from moceir_jax.convert or training). "
-                    "Default: randomly initialised weights of --variant.")
-flags.DEFINE_enum("variant", "s", ["s", "base", "tiny"], "Model size when no --model_dir.")
-flags.DEFINE_float("sigma", 25.0, "Gaussian noise level on the 0-255 scale.")
-flags.DEFINE_integer("size", 256, "Side of the centre crop of the photo.")
-flags.DEFINE_string("out", None, "If set, write clean/noisy/restored PNGs here.")
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing the
+  module never claims flag names."""
+  flags.DEFINE_string("model_dir", None, "Model directory (from moceir_jax.convert or training). "
+                      "Default: randomly initialised weights of --variant.")
+  flags.DEFINE_enum("variant", "s", ["s", "base", "tiny"], "Model size when no --model_dir.")
+  flags.DEFINE_float("sigma", 25.0, "Gaussian noise level on the 0-255 scale.")
+  flags.DEFINE_integer("size", 256, "Side of the centre crop of the photo.")
+  flags.DEFINE_string("out", None, "If set, write clean/noisy/restored PNGs here.")
 
 
 def psnr(a, b):
@@ -88,4 +93,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,14 +26,19 @@ from absl import app, flags
 from moceir_jax import images
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Model directory (from moceir_jax.convert or training).")
-flags.DEFINE_string("workdir", None, "Training work directory; its exported model "
-                    "(WORKDIR/model) is used.")
-flags.DEFINE_string("input", None, "An image, a folder of images, or a glob pattern.")
-flags.DEFINE_string("output", None, "Folder for the restored images.")
-flags.DEFINE_integer("tile", 512, "Tile side for large images (multiple of 8).")
-flags.DEFINE_integer("overlap", 32, "Overlap between tiles, in pixels.")
-flags.DEFINE_integer("tile_batch", 4, "Tiles run together per call.")
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so importing the
+  module never claims flag names."""
+  flags.DEFINE_string("checkpoint", None, "Model directory (from moceir_jax.convert or training).")
+  flags.DEFINE_string("workdir", None, "Training work directory; its exported model "
+                      "(WORKDIR/model) is used.")
+  flags.DEFINE_string("input", None, "An image, a folder of images, or a glob pattern.")
+  flags.DEFINE_string("output", None, "Folder for the restored images.")
+  flags.DEFINE_integer("tile", 512, "Tile side for large images (multiple of 8).")
+  flags.DEFINE_integer("overlap", 32, "Overlap between tiles, in pixels.")
+  flags.DEFINE_integer("tile_batch", 4, "Tiles run together per call.")
 
 
 class InputError(ValueError):
@@ -134,4 +139,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -132,7 +132,10 @@ def test_command_line(tmp_path, model_dir):
   Image.fromarray((_smooth(24, 40) * 255).astype(np.uint8)).save(src)
   run = lambda *args: subprocess.run([sys.executable, "-m", "moceir_jax.restore", *args],
                                      capture_output=True, text=True, cwd=PROJECT, check=False)
-  proc = run(f"--checkpoint={model_dir}", f"--input={src}", f"--output={tmp_path / 'out'}")
+  # a training work directory holds its exported model in WORKDIR/model
+  workdir = os.path.dirname(model_dir)
+  assert os.path.basename(model_dir) == "model"
+  proc = run(f"--workdir={workdir}", f"--input={src}", f"--output={tmp_path / 'out'}")
   assert proc.returncode == 0, proc.stderr
   assert "restored 1 of 1 file(s)" in proc.stdout
   out, info = images.read_image(str(tmp_path / "out" / "photo.png"))
