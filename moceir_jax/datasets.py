@@ -44,13 +44,29 @@ class LayoutError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class TFDSImage:
+  """One image of a tensorflow-datasets dataset, read through ``tfds.data_source``."""
+  dataset: str
+  split: str
+  index: int
+  data_dir: str | None = None
+  key: str = "image"
+
+  @property
+  def name(self) -> str:
+    return f"{self.dataset}/{self.split}/{self.index}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Pair:
-  clean: str
+  clean: str | TFDSImage
   degraded: str | None  # None: synthesise the degradation named by `task` from `clean`
   task: str
 
   @property
   def name(self) -> str:
+    if isinstance(self.clean, TFDSImage) and self.degraded is None:
+      return self.clean.name
     return os.path.basename(self.degraded or self.clean)
 
 
@@ -193,3 +209,22 @@ def clean_folder(folder: str) -> list[str]:
   if not os.path.isdir(folder):
     raise LayoutError(f"missing folder {folder} (a {layout})")
   return _files(folder, ("*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.webp"), layout)
+
+
+def tfds_images(dataset: str, split: str = "train", data_dir: str | None = None,
+                key: str = "image") -> list[TFDSImage]:
+  """Every image of a prepared TFDS dataset (no TensorFlow needed to read it)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  try:
+    source = tfds.data_source(dataset, split=split, data_dir=data_dir)
+  except Exception as e:  # TFDS raises several types for "not prepared here"
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise LayoutError(f"TFDS dataset {dataset!r} split {split!r} cannot be read from "
+                      f"{data_dir or 'the default data_dir'} ({first_line}); prepare it first, "
+                      "this project never downloads data") from e
+  if len(source) == 0:
+    raise LayoutError(f"TFDS dataset {dataset!r} split {split!r} is empty")
+  if key not in source[0]:
+    raise LayoutError(f"TFDS dataset {dataset!r} has no feature {key!r}; features: "
+                      f"{sorted(source[0])}")
+  return [TFDSImage(dataset, split, i, data_dir, key) for i in range(len(source))]

@@ -19,6 +19,7 @@ float32 in [0, 1], ``task`` (B,) int32, an index into the task list, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import zlib
 from typing import Iterator, Sequence
@@ -63,6 +64,26 @@ def flip_rotate(img: np.ndarray, mode: int) -> np.ndarray:
   return np.rot90(img, k=mode % 4)
 
 
+@functools.lru_cache(maxsize=8)
+def _tfds_source(dataset: str, split: str, data_dir: str | None):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  return tfds.data_source(dataset, split=split, data_dir=data_dir)
+
+
+def read_clean(ref) -> np.ndarray:
+  """A clean image, from a file path or a TFDS record, as HxWx3 float32 in [0, 1]."""
+  if not isinstance(ref, datasets.TFDSImage):
+    return images.read_image(ref)[0]
+  img = np.asarray(_tfds_source(ref.dataset, ref.split, ref.data_dir)[ref.index][ref.key])
+  if img.ndim == 2:
+    img = img[..., None]
+  if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
+    raise images.ImageError(f"{ref.name}: expected an HxWx(1|3|4) image, got {img.shape}")
+  scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
+  img = img[..., :3].astype(np.float32) / scale
+  return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+
+
 class _LoadSample:
   """Picklable per-sample transform (it runs inside worker processes)."""
 
@@ -74,7 +95,7 @@ class _LoadSample:
     self.patch, self.augment, self.on_error = patch, augment, on_error
 
   def _read(self, pair):
-    clean, _ = images.read_image(pair.clean)
+    clean = read_clean(pair.clean)
     degraded = clean if pair.degraded is None else images.read_image(pair.degraded)[0]
     if degraded.shape != clean.shape:
       raise images.ImageError(f"{pair.degraded}: size {degraded.shape[:2]} differs from its "
@@ -154,11 +175,11 @@ def benchmark_noise_seed(path: str, sigma: float) -> int:
 def eval_samples(pairs: Sequence[datasets.Pair]) -> Iterator[dict]:
   """Whole images in the given (fixed) order: degraded, clean, name, task."""
   for pair in pairs:
-    clean, _ = images.read_image(pair.clean)
+    clean = read_clean(pair.clean)
     if pair.degraded is None:
       sigma = datasets.NOISE_SIGMA.get(pair.task)
       deg = degradations.get(pair.task)
-      rng = np.random.default_rng(benchmark_noise_seed(pair.clean, sigma or 0.0))
+      rng = np.random.default_rng(benchmark_noise_seed(pair.name, sigma or 0.0))
       degraded = deg(clean, rng)
     else:
       degraded, _ = images.read_image(pair.degraded)

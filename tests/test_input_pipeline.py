@@ -140,3 +140,30 @@ def test_synthetic_sources_cover_every_task(folders):
   assert set(seen.tolist()) == set(range(len(tasks)))
   with pytest.raises(ValueError, match="unknown task set 'aio4'"):
     ip.official_sources(str(folders), "aio4")
+
+
+TFDS_DIR = os.path.join(os.path.dirname(__file__), "data", "tfds")
+
+
+def test_tfds_source_reads_without_tensorflow():
+  # tests/data/tfds holds a 3-image TFDS dataset (ArrayRecord, Image feature)
+  # written by tests/data/tfds/make_moceir_tiny_clean.py; reading needs no TF.
+  import sys  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("tensorflow_datasets")
+  refs = datasets.tfds_images("moceir_tiny_clean", data_dir=TFDS_DIR)
+  assert [r.index for r in refs] == [0, 1, 2]
+  np.testing.assert_allclose(ip.read_clean(refs[0]), data.astronaut()[::8, ::8] / 255.0,
+                             atol=1e-6)
+  srcs = ip.synthetic_sources(refs, ["denoise_25", "dehaze"])
+  batches = _take(iter(ip.train_dataset(srcs, batch_size=4, patch=32, seed=0)), 2)
+  assert batches[0]["clean"].shape == (4, 32, 32, 3)
+  assert set(np.concatenate([b["task"] for b in batches]).tolist()) <= {0, 1}
+  assert "tensorflow" not in sys.modules
+
+
+def test_tfds_missing_dataset_is_explained():
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(datasets.LayoutError, match="'no_such_set'.*never downloads"):
+    datasets.tfds_images("no_such_set", data_dir=TFDS_DIR)
+  with pytest.raises(datasets.LayoutError, match=r"no feature 'img'; features: \['image', 'name'\]"):
+    datasets.tfds_images("moceir_tiny_clean", data_dir=TFDS_DIR, key="img")
