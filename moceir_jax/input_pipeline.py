@@ -157,7 +157,16 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
   # Batches are formed before the workers, each worker building whole batches
   # (batch k from samples kB..kB+B-1) that Grain interleaves back in order:
   # identical batches for any number of workers, and one transfer per batch.
-  it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+  batched = ds.batch(batch_size, drop_remainder=True)
+  uses_tfds = any(isinstance(p.clean, datasets.TFDSImage) for s in sources for p in s.pairs)
+  if uses_tfds and worker_count > 0:
+    # Worker processes reading TFDS ArrayRecord files stalled after the first
+    # batch in our tests (cause not yet known); read with threads instead,
+    # which keeps the batches identical and does not hang.
+    logging.warning("TFDS source: using %d reader threads instead of worker processes",
+                    worker_count)
+    return batched.to_iter_dataset(grain.ReadOptions(num_threads=worker_count))
+  it = batched.to_iter_dataset()
   if worker_count > 0:
     # Grain's workers read its absl flags; outside an absl app (notebooks,
     # tests) they are unparsed, so accept their defaults.

@@ -155,8 +155,12 @@ def test_tfds_source_reads_without_tensorflow():
   np.testing.assert_allclose(ip.read_clean(refs[0]), data.astronaut()[::8, ::8] / 255.0,
                              atol=1e-6)
   srcs = ip.synthetic_sources(refs, ["denoise_25", "dehaze"])
-  batches = _take(iter(ip.train_dataset(srcs, batch_size=4, patch=32, seed=0)), 2)
+  batches = _take(iter(ip.train_dataset(srcs, batch_size=4, patch=32, seed=0)), 3)
   assert batches[0]["clean"].shape == (4, 32, 32, 3)
+  threaded = _take(iter(ip.train_dataset(srcs, batch_size=4, patch=32, seed=0,
+                                         worker_count=2)), 3)
+  for a, b in zip(batches, threaded):
+    np.testing.assert_array_equal(a["degraded"], b["degraded"])
   assert set(np.concatenate([b["task"] for b in batches]).tolist()) <= {0, 1}
   assert "tensorflow" not in sys.modules
 
