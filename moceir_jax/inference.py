@@ -97,8 +97,8 @@ class Restorer:
     self.route_size, self.bucket = route_size, bucket
     self.graphdef, self.state = nnx.split(model)
 
-  def _run(self, state, x, key, routing):
-    return _forward(self.graphdef, self.dispatch, state, x, key, routing)
+  def _run(self, x, key, routing):
+    return _forward(self.graphdef, self.dispatch, self.state, x, key, routing)
 
   def _key(self, key):
     if self.cfg.routing_noise == "always":
@@ -108,11 +108,11 @@ class Restorer:
       return key
     return None
 
-  def _whole(self, x, key, routing=None):
+  def _whole(self, x, key):
     h, w = x.shape[1], x.shape[2]
     m = self.cfg.size_multiple
     xp = pad_to(x, bucket_size(h, m, self.bucket), bucket_size(w, m, self.bucket))
-    image, indices, gates, values = self._run(self.state, xp, key, routing)
+    image, indices, gates, values = self._run(xp, key, None)
     return image[:, :h, :w], indices, gates, values
 
   def __call__(self, x, key=None) -> Restored:
@@ -152,7 +152,7 @@ class Restorer:
       group = corners[b:b + self.tile_batch]
       batch = [big[i:i + t, j:j + t] for i, j in group]
       batch += [batch[-1]] * (self.tile_batch - len(batch))  # one static batch shape
-      out, _, _, _ = self._run(self.state, jnp.stack(batch), key, routing)
+      out, _, _, _ = self._run(jnp.stack(batch), key, routing)
       out = np.asarray(out)
       for n, (i, j) in enumerate(group):
         acc[i:i + t, j:j + t] += out[n] * window
