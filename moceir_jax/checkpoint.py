@@ -83,3 +83,58 @@ def load_model(directory: str, **config_overrides) -> model_lib.MoCEIR:
   nnx.replace_by_pure_dict(graph_state, state)
   nnx.update(model, graph_state)
   return model
+
+
+# ----------------------------------------------------------------------------
+# Training checkpoints: DIR/checkpoints/<step>/{state, data, config}.
+# state = parameters, optimizer state, step and RNG (Orbax, sharded arrays
+# saved and restored in place); data = each process's input-iterator state
+# (Grain); config = the run's configuration. Orbax writes each step to a
+# temporary directory and renames it when complete, so a step directory that
+# exists is whole: a kill at any moment leaves the previous one usable.
+
+TRAIN_CHECKPOINTS = "checkpoints"
+
+
+def training_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
+                     read_only: bool = False) -> ocp.CheckpointManager:
+  import grain  # pylint: disable=import-outside-toplevel
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         enable_async_checkpointing=async_save,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINTS), options=options,
+      item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                         data=grain.checkpoint.CheckpointHandler(),
+                         config=ocp.JsonCheckpointHandler()))
+
+
+def save_training(manager: ocp.CheckpointManager, step: int, state, data_iterator, config: dict,
+                  force: bool = False) -> bool:
+  import grain  # pylint: disable=import-outside-toplevel
+  return manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+      config=ocp.args.JsonSave(config)), force=force)
+
+
+def restore_training(manager: ocp.CheckpointManager, step: int, abstract_state,
+                     data_iterator=None):
+  """Restores ``state`` (shaped and sharded like ``abstract_state``) and, if given, the iterator."""
+  import grain  # pylint: disable=import-outside-toplevel
+  items = dict(state=ocp.args.StandardRestore(abstract_state))
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  where = os.path.join(str(manager.directory), str(step))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{where}: checkpoint does not fit this configuration "
+                     f"(different model or optimizer?): {e}") from e
+  bad = [f"{jax.tree_util.keystr(p)}: saved {tuple(a.shape)}, expected {tuple(t.shape)}"
+         for (p, a), t in zip(jax.tree_util.tree_leaves_with_path(restored.state),
+                              jax.tree_util.tree_leaves(abstract_state))
+         if tuple(a.shape) != tuple(t.shape)]
+  if bad:
+    raise ValueError(f"{where}: checkpoint does not fit this configuration: "
+                     + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+  return restored.state

@@ -8,8 +8,8 @@ to both images, and the task's synthetic degradation where the pair has no
 degraded file. Every random choice comes from the per-sample generator Grain
 derives from the seed and the sample's index, so batches are identical for any
 number of worker processes, and the iterator state can be checkpointed and
-restored to continue exactly. Each process reads its own slice of the stream
-(``shard_index::shard_count``) for multi-host training.
+restored to continue exactly. For multi-host training each process loads only its slice of every global
+batch (``shard_index`` of ``shard_count``).
 
 Elements are dicts of NumPy arrays: ``degraded`` and ``clean`` (B, P, P, 3)
 float32 in [0, 1], ``task`` (B,) int32, an index into the task list, and
@@ -135,7 +135,8 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
                   on_error: str = "fail") -> grain.IterDataset:
   """An infinite, deterministic stream of training batches for this process.
 
-  ``batch_size`` is per process. ``on_error``: "fail" raises on an unreadable
+  ``batch_size`` is per process; process ``shard_index`` of ``shard_count``
+  gets its slice of each global batch. ``on_error``: "fail" raises on an unreadable
   file (naming it); "skip" logs it and draws another sample of the same task;
   each batch's ``skipped`` entry counts the files passed over.
   """
@@ -152,12 +153,14 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
            for i, s in enumerate(sources)]
   total = sum(s.weight for s in sources)
   mixed = grain.MapDataset.mix(parts, [s.weight / total for s in sources])
-  mixed = mixed[shard_index::shard_count]
   ds = mixed.random_map(_LoadSample(sources, patch, augment, on_error), seed=seed)
   # Batches are formed before the workers, each worker building whole batches
-  # (batch k from samples kB..kB+B-1) that Grain interleaves back in order:
-  # identical batches for any number of workers, and one transfer per batch.
-  batched = ds.batch(batch_size, drop_remainder=True)
+  # that Grain interleaves back in order: identical batches for any number of
+  # workers, and one transfer per batch. Sample i is drawn with its own
+  # generator whichever process loads it, and process p takes the p-th slice
+  # of every global batch (of shard_count * batch_size samples), so N
+  # processes together see exactly the batches one process would.
+  batched = ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
   uses_tfds = any(isinstance(p.clean, datasets.TFDSImage) for s in sources for p in s.pairs)
   if uses_tfds and worker_count > 0:
     # Worker processes reading TFDS ArrayRecord files stalled after the first
@@ -181,10 +184,22 @@ def benchmark_noise_seed(path: str, sigma: float) -> int:
   return zlib.crc32(f"{path.rsplit('/', 1)[-1]}:{sigma:g}".encode())
 
 
-def eval_samples(pairs: Sequence[datasets.Pair]) -> Iterator[dict]:
-  """Whole images in the given (fixed) order: degraded, clean, name, task."""
+def centre_crop(img: np.ndarray, size: int) -> np.ndarray:
+  h, w = img.shape[:2]
+  y, x = max(0, (h - size) // 2), max(0, (w - size) // 2)
+  return img[y:y + size, x:x + size]
+
+
+def eval_samples(pairs: Sequence[datasets.Pair], crop: int = 0) -> Iterator[dict]:
+  """Images in the given (fixed) order: degraded, clean, name, task.
+
+  Whole images, as benchmarks are scored; ``crop`` > 0 centre-crops clean
+  images (before any synthetic degradation) to at most ``crop`` pixels a side.
+  """
   for pair in pairs:
     clean = read_clean(pair.clean)
+    if crop:
+      clean = np.ascontiguousarray(centre_crop(clean, crop))
     if pair.degraded is None:
       sigma = datasets.NOISE_SIGMA.get(pair.task)
       deg = degradations.get(pair.task)
@@ -192,6 +207,8 @@ def eval_samples(pairs: Sequence[datasets.Pair]) -> Iterator[dict]:
       degraded = deg(clean, rng)
     else:
       degraded, _ = images.read_image(pair.degraded)
+      if crop:
+        degraded = np.ascontiguousarray(centre_crop(degraded, crop))
       if degraded.shape != clean.shape:
         raise images.ImageError(f"{pair.degraded}: size {degraded.shape[:2]} differs from its "
                                 f"clean image {pair.clean} {clean.shape[:2]}")

@@ -162,7 +162,23 @@ def moceir_tiny(**kw) -> MoCEIRConfig:
   return MoCEIRConfig(**base)
 
 
-VARIANTS = {"s": moceir_s, "base": moceir, "tiny": moceir_tiny}
+def moceir_demo(**kw) -> MoCEIRConfig:
+  """1.16 M parameters: the small MoCE-IR of the CPU demo and its like-for-like benchmark."""
+  base = dict(dim=16, num_blocks=(1, 2, 2, 2), num_dec_blocks=(1, 1, 1), num_refinement_blocks=1)
+  base.update(kw)
+  return MoCEIRConfig(**base)
+
+
+def moceir_micro(**kw) -> MoCEIRConfig:
+  """Two levels, one block each: compiles in seconds, for tests of training and evaluation."""
+  base = dict(dim=8, levels=2, heads=(1, 2), num_blocks=(1, 1), num_dec_blocks=(1,),
+              num_refinement_blocks=1)
+  base.update(kw)
+  return MoCEIRConfig(**base)
+
+
+VARIANTS = {"s": moceir_s, "base": moceir, "tiny": moceir_tiny, "demo": moceir_demo,
+            "micro": moceir_micro}
 
 
 def variant(name: str, **kw) -> MoCEIRConfig:
