@@ -5,7 +5,7 @@ TPU, or --coordinator_address/--num_processes/--process_id) join with
 jax.distributed before anything else touches the devices.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moceir_jax import parallel, training
@@ -22,6 +22,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.heldout = True  # also evaluate held-out synthetic sets of data.tasks
   c.eval.heldout_crop = 256  # held-out images are centre-cropped to this (0 = whole)
   c.eval.at_end = False
+  c.eval.max_images = 0  # per set; 0 = all (a quick look at a large benchmark)
   c.eval.save_images = False
   c.eval.official_noise = False  # the official code also adds routing noise at test time
   c.eval.tile = 0  # restore in tiles of this size (0 = whole images)

@@ -38,7 +38,11 @@ def save_model(directory: str, model: model_lib.MoCEIR) -> None:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(model.cfg.to_json())
     state = jax.tree_util.tree_map(np.asarray, _plain_state(model))
-    with ocp.StandardCheckpointer() as ckptr:
+    # One process writes a model directory; without this Orbax would wait at
+    # a barrier for the other processes of a multi-process run.
+    me = jax.process_index()
+    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=only_me) as ckptr:
       ckptr.save(os.path.join(tmp, STATE_DIR), state)
     if os.path.exists(directory):
       shutil.rmtree(directory)

@@ -123,7 +123,8 @@ def _sets(config, data_root: str | None, benchmarks) -> dict[str, tuple[list, in
   if config.eval.heldout and config.data.task_set == "synthetic":
     for name, pairs in experiment_data.heldout_sets(config.data).items():
       sets[name] = (pairs, config.eval.heldout_crop)
-  return sets
+  n = config.eval.max_images
+  return {k: (pairs[:n] if n > 0 else pairs, crop) for k, (pairs, crop) in sets.items()}
 
 
 def evaluate_set(restorer: Restorer, pairs, crop: int, flops: dict[str, list[float]],

@@ -234,9 +234,13 @@ def official_sources(root: str, task_set: str) -> list[TaskSource]:
 
 def synthetic_sources(clean_paths: Sequence[str], tasks: Sequence[str],
                       weights: Sequence[float] | None = None) -> list[TaskSource]:
-  """Every task synthesised from the same clean images (equal weights by default)."""
+  """Every task synthesised from the same clean images (equal weights by default).
+
+  Weights are scaled by the number of images, so they sum to the samples of
+  one epoch (every image once per task at equal weights), as official ones do.
+  """
   weights = weights or [1.0] * len(tasks)
   for t in tasks:
     degradations.get(t)
   return [TaskSource(t, tuple(datasets.Pair(clean=c, degraded=None, task=t) for c in clean_paths),
-                     float(w)) for t, w in zip(tasks, weights)]
+                     float(w) * len(clean_paths)) for t, w in zip(tasks, weights)]

@@ -153,6 +153,7 @@ class Reporter:
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
   def start(self, step: int):
+    """Starts the clock (after the first, compiling, step)."""
     self.t0, self.s0 = time.perf_counter(), step
 
   def train(self, step: int, metrics: dict):
@@ -160,7 +161,7 @@ class Reporter:
       return
     m = {k: float(v) for k, v in metrics.items()}
     elapsed = time.perf_counter() - self.t0
-    rate = (step - self.s0) / elapsed if elapsed > 0 and step > self.s0 else float("nan")
+    rate = (step - self.s0) / elapsed if step > self.s0 else float("nan")
     eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
     print(f"step {step}/{self.total} | loss {m['loss']:.4f} (l1 {m['l1']:.4f} fft {m['fft']:.4f} "
           f"aux {m['aux']:.4f}) | lr {m['lr']:.2e} | {rate:.2f} steps/s "
@@ -169,7 +170,8 @@ class Reporter:
     self.jsonl.flush()
     for k, v in m.items():
       self.writer.add_scalar(f"train/{k}", v, step)
-    self.writer.add_scalar("train/steps_per_s", rate, step)
+    if rate == rate:
+      self.writer.add_scalar("train/steps_per_s", rate, step)
 
   def scalars(self, step: int, values: dict, prefix: str):
     if self.active:
@@ -267,13 +269,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"{jax.process_count()} processes) in {workdir}", flush=True)
   quick_sets = evaluation.quick_sets(config)
   metrics = {}
-  reporter.start(step)
+  first_step = step
   try:
     while step < total:
       batch = next(data_iter)
       batch = parallel.global_batch({k: batch[k] for k in ("degraded", "clean")}, mesh)
       state, metrics = train_step(state, batch, step_key(state.rng, step))
       step += 1
+      if step == first_step + 1:  # rates exclude compilation
+        jax.block_until_ready(metrics)
+        reporter.start(step)
       if step % config.train.log_every == 0 or step == total:
         reporter.train(step, jax.device_get(metrics))
       if step % config.checkpoint.every_steps == 0 and step < total:

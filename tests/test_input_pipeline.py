@@ -171,3 +171,12 @@ def test_tfds_missing_dataset_is_explained():
     datasets.tfds_images("no_such_set", data_dir=TFDS_DIR)
   with pytest.raises(datasets.LayoutError, match=r"no feature 'img'; features: \['image', 'name'\]"):
     datasets.tfds_images("moceir_tiny_clean", data_dir=TFDS_DIR, key="img")
+
+
+def test_processes_together_load_exactly_the_single_process_batches(folders):
+  srcs = _sources(folders)
+  whole = next(iter(ip.train_dataset(srcs, batch_size=4, patch=16, seed=3)))
+  parts = [next(iter(ip.train_dataset(srcs, batch_size=2, patch=16, seed=3, shard_index=i,
+                                      shard_count=2))) for i in range(2)]
+  for key in ("degraded", "clean", "task"):
+    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])

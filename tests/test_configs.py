@@ -1,0 +1,79 @@
+"""configs/moceir.py: variants, overrides and validation."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from conftest import PROJECT
+from moceir_jax import model as model_lib
+from moceir_jax import training
+
+CONFIG_FILE = os.path.join(PROJECT, "configs", "moceir.py")
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location("moceir_config", CONFIG_FILE)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_paper_recipe_is_the_default_for_model_sizes():
+  c = _module().get_config("s,aio3")
+  assert training.model_config(c) == model_lib.moceir_s()
+  assert (c.train.lr, c.train.weight_decay, c.train.global_batch_size, c.data.patch) == (
+      2e-4, 0.01, 32, 128)
+  assert (c.train.warmup_epochs, c.train.num_epochs) == (15, 150)
+  assert (c.train.l1_weight, c.train.fft_weight, c.train.aux_weight) == (1.0, 0.1, 0.01)
+  assert c.model.with_complexity
+  assert tuple(c.eval.benchmarks) == ("denoise_15", "denoise_25", "denoise_50", "derain",
+                                      "dehaze")
+  assert training.model_config(_module().get_config("base,aio5")) == model_lib.moceir()
+  assert _module().get_config("tiny,cdd11:single").data.task_set == "cdd11:single"
+  assert _module().get_config().data.task_set == "synthetic"  # demo by default
+
+
+def test_schedule_in_reference_epochs():
+  c = _module().get_config("s")
+  total, warmup = training.schedule_lengths(c, samples_per_epoch=3200)
+  assert (total, warmup) == (150 * 100, 15 * 100)
+
+
+def test_unknown_variant_and_task_set_are_named():
+  mod = _module()
+  with pytest.raises(ValueError, match="unknown model 'huge'"):
+    mod.get_config("huge")
+  with pytest.raises(ValueError, match="unknown task set 'aio4'"):
+    mod.get_config("s,aio4")
+
+
+def _parse(argv, monkeypatch):
+  # config_flags reads the override flags from sys.argv, as in a real run.
+  monkeypatch.setattr(sys, "argv", argv)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv)
+  fv(argv)
+  return fv.config
+
+
+def test_overrides_typos_and_bad_values(monkeypatch):
+  c = _parse(["prog", f"--config={CONFIG_FILE}:smoke", "--config.train.lr=0.5",
+              "--config.model.num_blocks=(2,3)"], monkeypatch)
+  assert c.train.lr == 0.5
+  assert training.model_config(c).num_blocks == (2, 3)
+  with pytest.raises(Exception, match="trian"):
+    _parse(["prog", f"--config={CONFIG_FILE}:smoke", "--config.trian.lr=0.5"], monkeypatch)
+  c = _module().get_config("smoke")
+  c.data.patch = 31
+  with pytest.raises(ValueError, match="data.patch=31 must be a multiple of 2"):
+    training.validate(c)
+  c = _module().get_config("smoke")
+  c.model.rank_type = "cubic"
+  with pytest.raises(ValueError, match="config.model: .*rank_type='cubic'"):
+    training.validate(c)
+  with pytest.raises(TypeError):
+    c.train.lr = "fast"  # ml_collections type checking

@@ -1,0 +1,190 @@
+"""train.py / eval.py end to end: artefacts, device and process equivalence, kill and resume.
+
+Every run is a real ``python train.py`` subprocess on the ``smoke`` config
+(a two-level model, three synthetic tasks on the built-in photos). They share
+a persistent compilation cache, so each distinct program compiles once.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import PROJECT
+from moceir_jax import checkpoint
+
+STEPS = 6
+COMMON = [f"--config.train.num_steps={STEPS}", "--config.checkpoint.every_steps=2"]
+NO_QUICK_EVAL = ["--config.eval.every_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  e = dict(os.environ)
+  e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
+  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONPATH"] = PROJECT
+  return e
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, os.path.join(PROJECT, "train.py"),
+          f"--config={os.path.join(PROJECT, 'configs', 'moceir.py')}:smoke",
+          f"--workdir={workdir}", *COMMON, *extra]
+
+
+def _train(env, workdir, *extra, devices=None):
+  e = dict(env)
+  if devices:
+    e["XLA_FLAGS"] = (e.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={devices}").strip()
+  r = subprocess.run(_cmd(workdir, *extra), env=e, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  return r.stdout
+
+
+def _losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      out[rec["step"]] = rec  # a resumed run repeats steps after its checkpoint: keep the last
+  return out
+
+
+def _params(workdir):
+  model = checkpoint.load_model(os.path.join(workdir, "model"))
+  return jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  stdout = _train(env, workdir)
+  return workdir, stdout
+
+
+def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
+  workdir, stdout = reference
+  assert f"step {STEPS}/{STEPS}" in stdout and "steps/s" in stdout and "ETA" in stdout
+  assert "quick eval @ 4" in stdout
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["num_steps"] == STEPS
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  for rec in losses.values():
+    assert {"loss", "l1", "fft", "aux", "lr", "grad_norm"} <= set(rec)
+    total = rec["l1"] + 0.1 * rec["fft"] + 0.01 * rec["aux"]
+    assert rec["loss"] == pytest.approx(total, rel=1e-5)
+  # kept: the last 2 (checkpoint.keep of smoke) of steps 2, 4 and the final 6
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+      "step_0000004.png", "step_0000006.png"]
+  assert _params(workdir)  # the exported model directory loads
+
+
+def test_eval_reports_benchmarks_heldout_sets_and_routing(reference, env, mini_root):
+  workdir, _ = reference
+  r = subprocess.run(
+      [sys.executable, os.path.join(PROJECT, "eval.py"), f"--workdir={workdir}",
+       f"--data_root={mini_root}", "--benchmarks=denoise_15,denoise_25,denoise_50,derain,dehaze",
+       "--max_images=2", "--save_images"], env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  out = os.path.join(workdir, "eval")
+  with open(os.path.join(out, "results.json")) as f:
+    res = json.load(f)["results"]
+  expected = {"denoise_15", "denoise_25", "denoise_50", "derain", "dehaze", "heldout/denoise_25",
+              "heldout/derain", "heldout/dehaze"}
+  assert set(res) == expected
+  for name, r_ in res.items():
+    assert r_["images"] == 2
+    assert 5 < r_["psnr"] < 60 and 0 < r_["ssim"] <= 1
+    for usage in r_["expert_usage"].values():
+      assert sum(usage) == pytest.approx(1.0)
+    assert 0 < r_["mean_compute_share"] <= 1
+  # noisier input, lower input PSNR
+  assert res["denoise_15"]["input_psnr"] > res["denoise_25"]["input_psnr"] > \
+      res["denoise_50"]["input_psnr"]
+  md = open(os.path.join(out, "results.md")).read()
+  assert "| denoise_50 | 2 |" in md and "Expert selection" in md
+  from PIL import Image
+  for png in ("routing_heatmap.png", "samples.png"):
+    with Image.open(os.path.join(out, png)) as im:
+      assert im.size[0] > 100 and im.size[1] > 100
+  assert len(os.listdir(os.path.join(out, "images", "denoise_25"))) == 2
+
+
+def test_four_devices_give_the_same_run(reference, env, tmp_path):
+  ref, _ = reference
+  stdout = _train(env, str(tmp_path), *NO_QUICK_EVAL, devices=4)
+  assert "on 4 devices" in stdout
+  a, b = _losses(ref), _losses(str(tmp_path))
+  for s in range(1, STEPS + 1):
+    np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5),
+                         _params(ref), _params(str(tmp_path)))
+
+
+def test_two_processes_train_together_like_one(reference, env, tmp_path):
+  ref, _ = reference
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      _cmd(str(tmp_path), *NO_QUICK_EVAL, f"--coordinator_address=localhost:{port}",
+           "--num_processes=2", f"--process_id={i}"),
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-4000:]
+  assert "2 processes" in outs[0]
+  a, b = _losses(ref), _losses(str(tmp_path))
+  for s in range(1, STEPS + 1):
+    np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5),
+                         _params(ref), _params(str(tmp_path)))
+
+
+def test_sigkill_then_restart_ends_bit_identical(reference, env, tmp_path):
+  ref, _ = reference
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(_cmd(workdir, *NO_QUICK_EVAL), env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  first = os.path.join(workdir, "checkpoints", "2")  # appears when complete (atomic rename)
+  deadline = time.time() + 600
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)  # steps 3-6, the next checkpoint and the export are left
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(workdir, "model")), "the run finished before the kill"
+  stdout = _train(env, workdir, *NO_QUICK_EVAL)
+  assert "resuming from checkpoint at step" in stdout
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(x, y), _params(ref),
+                         _params(workdir))
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(env, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(_cmd(workdir, *NO_QUICK_EVAL, "--config.train.num_steps=1000",
+                               "--config.checkpoint.every_steps=1000"),
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:
+    if line.startswith("step 3/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  proc.communicate(timeout=120)
+  assert proc.returncode == 0
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and 3 <= steps[0] < 1000
