@@ -57,17 +57,19 @@ def expert_flops(model: model_lib.MoCEIR, size: int = 64) -> dict[str, list[floa
 
 
 def quick_sets(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """task -> (degraded, clean) stacks of held-out crops; empty unless data.tasks is synthetic."""
-  if not config.eval.heldout or config.data.task_set != "synthetic" or config.eval.every_steps <= 0:
+  """name -> (degraded, clean) stacks of fixed held-out crops: the first
+  ``eval.quick_images`` of every evaluation set (held-out synthetic sets,
+  and the benchmarks when a data root is set), centre-cropped to ``eval.quick_crop``."""
+  if config.eval.every_steps <= 0:
     return {}
+  from moceir_jax.padding import pad_to  # pylint: disable=import-outside-toplevel
   out = {}
   crop = config.eval.quick_crop
-  for name, pairs in experiment_data.heldout_sets(config.data).items():
+  for name, (pairs, _) in _sets(config, None, tuple(config.eval.benchmarks)).items():
     samples = list(input_pipeline.eval_samples(pairs[:config.eval.quick_images], crop=crop))
-    from moceir_jax.padding import pad_to  # pylint: disable=import-outside-toplevel
     deg = np.stack([pad_to(s["degraded"], crop, crop) for s in samples])
     clean = np.stack([pad_to(s["clean"], crop, crop) for s in samples])
-    out[name.split("/", 1)[1]] = (deg, clean)
+    out[name] = (deg, clean)
   return out
 
 
@@ -83,7 +85,8 @@ def quick_evaluate(model, sets, config, workdir: str, step: int) -> dict[str, fl
   if jax.process_index() == 0:
     visualize.sample_grid(rows, os.path.join(workdir, "samples", f"step_{step:07d}.png"),
                           tile=min(192, config.eval.quick_crop))
-    print(f"quick eval @ {step}: " + "  ".join(f"{t} {v:.2f}" for t, v in scores.items())
+    print(f"quick eval @ {step}: " + "  ".join(f"{t.removeprefix('heldout/')} {v:.2f}"
+                                                 for t, v in scores.items())
           + f"  (mean {np.mean(list(scores.values())):.2f} dB)", flush=True)
   return scores
 

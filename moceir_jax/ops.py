@@ -105,7 +105,7 @@ def _depthwise_shift_bwd(res, g):
 # over memory at a fraction of a GFLOP/s; for 7x7 kernels the 49 passes were
 # the largest single cost of a training step. The same numbers are one
 # cross-correlation, which FFTs compute 4-6x faster (relative error ~4e-7).
-_FFT_KERNEL_GRAD_MIN_TAPS = 25
+_FFT_KERNEL_GRAD_MIN_TAPS = 9
 
 
 def _kernel_grad_fft(xp, g, kh, kw):

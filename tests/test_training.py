@@ -125,9 +125,11 @@ def test_eval_reports_benchmarks_heldout_sets_and_routing(reference, env, mini_r
   assert len(os.listdir(os.path.join(out, "images", "denoise_25"))) == 2
 
 
-def test_four_devices_give_the_same_run(reference, env, tmp_path):
+def test_four_devices_with_fsdp_give_the_same_run(reference, env, tmp_path):
   ref, _ = reference
-  stdout = _train(env, str(tmp_path), *NO_QUICK_EVAL, devices=4)
+  # With FSDP: the batch and the larger parameter/optimizer arrays split over the 4 devices.
+  stdout = _train(env, str(tmp_path), *NO_QUICK_EVAL, "--config.mesh.fsdp=True",
+                  "--config.mesh.fsdp_min_size=256", devices=4)
   assert "on 4 devices" in stdout
   a, b = _losses(ref), _losses(str(tmp_path))
   for s in range(1, STEPS + 1):
@@ -188,3 +190,29 @@ def test_sigterm_saves_a_checkpoint_and_stops(env, tmp_path):
   assert proc.returncode == 0
   steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   assert len(steps) == 1 and 3 <= steps[0] < 1000
+
+
+def test_demo_path_trains_evaluates_and_leaves_table_and_pictures(env, tmp_path):
+  # The README's main job (configs/moceir.py:demo) at test size: the micro model, 2 steps.
+  workdir = str(tmp_path)
+  cmd = [sys.executable, os.path.join(PROJECT, "train.py"),
+         f"--config={os.path.join(PROJECT, 'configs', 'moceir.py')}", f"--workdir={workdir}",
+         "--config.model.dim=8", "--config.model.levels=2", "--config.model.heads=(1,2)",
+         "--config.model.num_blocks=(1,1)", "--config.model.num_dec_blocks=(1,)",
+         "--config.data.patch=32", "--config.train.num_steps=2", "--config.eval.every_steps=0",
+         "--config.eval.heldout_crop=48"]
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  tasks = ["denoise_15", "denoise_25", "denoise_50", "derain", "dehaze", "deblur", "lowlight"]
+  assert "| set | images | input PSNR" in r.stdout  # the table is printed
+  md = open(os.path.join(workdir, "eval", "results.md")).read()
+  for t in tasks:
+    assert f"| heldout/{t} | 3 |" in md
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    res = json.load(f)["results"]
+  assert sorted(res) == sorted(f"heldout/{t}" for t in tasks)
+  from PIL import Image
+  with Image.open(os.path.join(workdir, "eval", "samples.png")) as im:
+    assert im.size[1] > 7 * 48  # one row per task
+  with Image.open(os.path.join(workdir, "eval", "routing_heatmap.png")) as im:
+    assert im.size[0] > 100
