@@ -104,8 +104,11 @@ def _depthwise_shift_bwd(res, g):
 # XLA:CPU runs each per-tap reduction of the kernel gradient as its own pass
 # over memory at a fraction of a GFLOP/s; for 7x7 kernels the 49 passes were
 # the largest single cost of a training step. The same numbers are one
-# cross-correlation, which FFTs compute 4-6x faster (relative error ~4e-7).
-_FFT_KERNEL_GRAD_MIN_TAPS = 9
+# cross-correlation, which FFTs compute 4-6x faster (error ~4e-7 of the largest
+# tap). 3x3 kernels keep the exact per-tap sums: there the FFT gains ~10% of a
+# step, and its rounding on near-zero taps, which Adam's normalised updates
+# amplify, moved 1-device and 4-device runs apart by 8e-5 after 6 steps.
+_FFT_KERNEL_GRAD_MIN_TAPS = 25
 
 
 def _kernel_grad_fft(xp, g, kh, kw):
