@@ -67,6 +67,15 @@ def _params(workdir):
   return jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def _assert_same_run(a_dir, b_dir):
+  """Same losses at every step and same final parameters, to 1e-5."""
+  a, b = _losses(a_dir), _losses(b_dir)
+  for s in range(1, STEPS + 1):
+    np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5),
+                         _params(a_dir), _params(b_dir))
+
+
 @pytest.fixture(scope="module")
 def reference(env, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("reference"))
@@ -131,11 +140,7 @@ def test_four_devices_with_fsdp_give_the_same_run(reference, env, tmp_path):
   stdout = _train(env, str(tmp_path), *NO_QUICK_EVAL, "--config.mesh.fsdp=True",
                   "--config.mesh.fsdp_min_size=256", devices=4)
   assert "on 4 devices" in stdout
-  a, b = _losses(ref), _losses(str(tmp_path))
-  for s in range(1, STEPS + 1):
-    np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-5, atol=1e-6)
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5),
-                         _params(ref), _params(str(tmp_path)))
+  _assert_same_run(ref, str(tmp_path))
 
 
 def test_two_processes_train_together_like_one(reference, env, tmp_path):
@@ -151,11 +156,7 @@ def test_two_processes_train_together_like_one(reference, env, tmp_path):
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-4000:]
   assert "2 processes" in outs[0]
-  a, b = _losses(ref), _losses(str(tmp_path))
-  for s in range(1, STEPS + 1):
-    np.testing.assert_allclose(b[s]["loss"], a[s]["loss"], rtol=1e-5, atol=1e-6)
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5),
-                         _params(ref), _params(str(tmp_path)))
+  _assert_same_run(ref, str(tmp_path))
 
 
 def test_sigkill_then_restart_ends_bit_identical(reference, env, tmp_path):
