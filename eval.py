@@ -4,6 +4,11 @@ Reads DIR/config.json and the newest checkpoint (or --model_dir, e.g. converted
 official weights); writes PSNR/SSIM and routing reports to DIR/eval/.
 """
 
+from moceir_jax import host
+
+if __name__ == "__main__":
+  host.reexec_with_huge_pages()  # before JAX loads; see moceir_jax/host.py
+
 from absl import app, flags, logging
 
 from moceir_jax import evaluation, training

@@ -5,6 +5,11 @@ TPU, or --coordinator_address/--num_processes/--process_id) join with
 jax.distributed before anything else touches the devices.
 """
 
+from moceir_jax import host
+
+if __name__ == "__main__":
+  host.reexec_with_huge_pages()  # before JAX loads; see moceir_jax/host.py
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -7,7 +7,8 @@ parameters, FLOPs as XLA's cost analysis counts them, compile time, eval
 latency at 1x3x256x256 and 1x3x512x512 with dense and expert-skipping (sparse)
 dispatch, and the train-step time at 4x3x128x128 (AdamW, L1 + 0.1 FFT + 0.01
 aux, donated state) with images/s. Times are medians of --runs after one
-warm-up run. Random weights and inputs. Official figures (torch 2.13 CPU, 2
+warm-up run, with glibc's huge-page tunable as the entry points set it
+(--no_huge_pages: without). Random weights and inputs. Official figures (torch 2.13 CPU, 2
 threads, same kind of machine) are printed beside ours.
 """
 
@@ -102,15 +103,19 @@ def main():
   ap.add_argument("--variants", default="s,base")
   ap.add_argument("--cases", default="eval256,eval512,train")
   ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--no_huge_pages", action="store_true",
+                  help="run the cases without glibc's huge-page tunable (see moceir_jax/host.py)")
   ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: VARIANT CASE
   args = ap.parse_args()
   if args.one:
     print(json.dumps(_case(args.one[0], args.one[1], args.runs)))
     return
+  from moceir_jax import host  # pylint: disable=import-outside-toplevel
+  env = None if args.no_huge_pages else host.huge_page_env()
   for variant in args.variants.split(","):
     for case in args.cases.split(","):
       r = subprocess.run([sys.executable, __file__, "--one", variant, case, "--runs",
-                          str(args.runs)], capture_output=True, text=True)
+                          str(args.runs)], capture_output=True, text=True, env=env)
       if r.returncode != 0:
         print(f"{variant} {case}: failed: {r.stderr.strip().splitlines()[-1][:300]}", flush=True)
         continue

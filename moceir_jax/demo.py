@@ -10,6 +10,11 @@ downloaded.
 
 from __future__ import annotations
 
+from moceir_jax import host
+
+if __name__ == "__main__":
+  host.reexec_with_huge_pages()  # before JAX loads; see moceir_jax/host.py
+
 import os
 import time
 

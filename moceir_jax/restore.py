@@ -14,6 +14,11 @@ that cannot be read is reported and skipped; the exit status is 1 if any was.
 
 from __future__ import annotations
 
+from moceir_jax import host
+
+if __name__ == "__main__":
+  host.reexec_with_huge_pages()  # before JAX loads; see moceir_jax/host.py
+
 import glob
 import os
 import sys

@@ -1,0 +1,55 @@
+"""The huge-page restart: when it applies, that it never loops, and that it really restarts."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from moceir_jax import host
+
+
+@pytest.fixture
+def thp(tmp_path):
+  def make(mode):
+    p = tmp_path / "enabled"
+    p.write_text({"madvise": "always [madvise] never\n", "never": "always madvise [never]\n"}[mode])
+    return str(p)
+  return make
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_env_adds_the_tunable_and_keeps_the_users(thp):
+  env = host.huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp("madvise"))
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + host.TUNABLE
+  assert host.huge_page_env({}, thp("madvise"))["GLIBC_TUNABLES"] == host.TUNABLE
+
+
+def test_env_is_none_when_nothing_to_gain_or_already_set(thp, tmp_path):
+  assert host.huge_page_env({"GLIBC_TUNABLES": host.TUNABLE}, thp("madvise")) is None
+  assert host.huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, thp("madvise")) is None
+  assert host.huge_page_env({}, thp("never")) is None
+  assert host.huge_page_env({}, str(tmp_path / "missing")) is None
+  assert host.huge_page_env({host.OPT_OUT: "1"}, thp("madvise")) is None
+
+
+@pytest.mark.skipif(host.huge_page_env({}) is None, reason="no huge pages to ask for here")
+def test_entry_point_restarts_once_with_the_tunable(tmp_path):
+  script = tmp_path / "entry.py"
+  script.write_text(
+      "import os, sys\n"
+      "from moceir_jax import host\n"
+      "print('start', flush=True)\n"
+      "if __name__ == '__main__':\n"
+      "  host.reexec_with_huge_pages()\n"
+      "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.OPT_OUT)}
+  env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+  out = subprocess.run([sys.executable, str(script), "--flag=1", "x"], env=env,
+                       capture_output=True, text=True, check=True).stdout.splitlines()
+  assert out == ["start", "start", f"{host.TUNABLE} ['--flag=1', 'x']"]
+  env[host.OPT_OUT] = "1"
+  out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                       check=True).stdout.splitlines()
+  assert out == ["start", "None []"]
