@@ -89,8 +89,31 @@ def _depthwise_shift_bwd(res, g):
   kh, kw, _ = kernel.shape
   h, w = x.shape[1], x.shape[2]
   dx = _shift_sum(_pad_same(g, kh, kw), kernel[::-1, ::-1], h, w)
-  dk = _kernel_grad_blocked(_pad_same(x, kh, kw), g, kh, kw)
+  xp = _pad_same(x, kh, kw)
+  if kh * kw >= _FFT_KERNEL_GRAD_MIN_TAPS:
+    dk = _kernel_grad_fft(xp, g, kh, kw)
+  else:
+    dk = _kernel_grad_blocked(xp, g, kh, kw)
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+# 7x7 kernels take their gradient as one FFT cross-correlation: as fast as the
+# blocked sums below, and 49 taps of those made compile times 1.5-2x longer. Its
+# rounding is relative to the largest tap, which is harmless here but not for
+# 3x3 kernels, whose small taps Adam's normalised updates amplify (1-device and
+# 4-device runs drifted 8e-5 apart in 6 steps with FFT 3x3 gradients).
+_FFT_KERNEL_GRAD_MIN_TAPS = 25
+
+
+def _kernel_grad_fft(xp, g, kh, kw):
+  """sum_{b,h,w} xp[b, h+i, w+j, c] * g[b, h, w, c] for all taps (i, j), via FFT."""
+  hp, wp = xp.shape[1], xp.shape[2]
+  acc = acc_dtype(g.dtype)
+  xt = jnp.transpose(xp.astype(acc), (0, 3, 1, 2))  # FFT over the two minor axes
+  gt = jnp.transpose(g.astype(acc), (0, 3, 1, 2))
+  spec = jnp.sum(jnp.fft.rfft2(xt) * jnp.conj(jnp.fft.rfft2(gt, s=(hp, wp))), axis=0)
+  corr = jnp.fft.irfft2(spec, s=(hp, wp))  # (C, hp, wp); offsets < k never wrap
+  return jnp.transpose(corr[:, :kh, :kw], (1, 2, 0)).reshape(kh * kw, -1)
 
 
 # Budget of one block of the kernel-gradient loop: small enough that a block of
@@ -105,9 +128,7 @@ def _kernel_grad_blocked(xp, g, kh, kw):
   tensors from memory once per tap (and materialises each shifted window
   first), which made these sums the largest cost of a training step. Looping
   over blocks of rows keeps a block in cache while all taps read it: 2-3x
-  faster for 3x3 and 7x7 kernels, and the sums stay exact per tap (an FFT
-  cross-correlation was as fast for 7x7, but its rounding is relative to the
-  largest tap, which Adam's normalised updates amplify on the small ones).
+  faster, and each tap's sum keeps its own relative precision.
   """
   b, h, w, c = g.shape
   acc = acc_dtype(g.dtype)
