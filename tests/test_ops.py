@@ -54,7 +54,7 @@ def test_depthwise_shift_gradients_equal_xla(k):
 def test_depthwise_kernel_gradient_blocks_cover_every_row(k, monkeypatch):
   # A tiny block budget forces several row blocks per image (7 rows: blocks of one
   # row), so halo rows and block seams are exercised.
-  monkeypatch.setattr(ops, "_KERNEL_GRAD_BLOCK_BYTES", 4 * 16 * 3 * 2)
+  monkeypatch.setattr(ops, "_KERNEL_GRAD_BLOCK_BYTES", 3 * 4 * 16 * 3 * 2)
   x = jnp.asarray(RNG.normal(size=(3, 7, 10, 3)), jnp.float32)
   w = jnp.asarray(RNG.normal(size=(k, k, 3)), jnp.float32)
   g = jnp.asarray(RNG.normal(size=(3, 7, 10, 3)), jnp.float32)
