@@ -2,7 +2,9 @@
 
 Every run is a real ``python train.py`` subprocess on the ``smoke`` config
 (a two-level model, three synthetic tasks on the built-in photos). They share
-a persistent compilation cache, so each distinct program compiles once.
+a persistent compilation cache, so each distinct program compiles once, and
+the tests that compare with the reference run share one xdist worker (pytest.ini
+sets --dist loadgroup) so the reference run is made once.
 """
 
 import json
@@ -83,6 +85,7 @@ def reference(env, tmp_path_factory):
   return workdir, stdout
 
 
+@pytest.mark.xdist_group("reference")
 def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
   workdir, stdout = reference
   assert f"step {STEPS}/{STEPS}" in stdout and "steps/s" in stdout and "ETA" in stdout
@@ -103,6 +106,7 @@ def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
   assert _params(workdir)  # the exported model directory loads
 
 
+@pytest.mark.xdist_group("reference")
 def test_eval_reports_benchmarks_heldout_sets_and_routing(reference, env, mini_root):
   workdir, _ = reference
   r = subprocess.run(
@@ -134,32 +138,36 @@ def test_eval_reports_benchmarks_heldout_sets_and_routing(reference, env, mini_r
   assert len(os.listdir(os.path.join(out, "images", "denoise_25"))) == 2
 
 
-def test_four_devices_with_fsdp_give_the_same_run(reference, env, tmp_path):
-  ref, _ = reference
-  # With FSDP: the batch and the larger parameter/optimizer arrays split over the 4 devices.
-  stdout = _train(env, str(tmp_path), *NO_QUICK_EVAL, "--config.mesh.fsdp=True",
-                  "--config.mesh.fsdp_min_size=256", devices=4)
-  assert "on 4 devices" in stdout
-  _assert_same_run(ref, str(tmp_path))
-
-
-def test_two_processes_train_together_like_one(reference, env, tmp_path):
+@pytest.mark.xdist_group("reference")
+def test_two_processes_of_two_devices_with_fsdp_train_like_one_device(reference, env, tmp_path):
+  # Two processes (gloo on localhost), two devices each, FSDP: the batch and the larger
+  # parameter/optimizer arrays split over 4 devices in 2 processes, against 1 device.
   ref, _ = reference
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
+  e = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=2").strip())
   procs = [subprocess.Popen(
       _cmd(str(tmp_path), *NO_QUICK_EVAL, f"--coordinator_address=localhost:{port}",
-           "--num_processes=2", f"--process_id={i}"),
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+           "--num_processes=2", f"--process_id={i}", "--config.mesh.fsdp=True",
+           "--config.mesh.fsdp_min_size=256"),
+      env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-4000:]
-  assert "2 processes" in outs[0]
+  assert "2 processes" in outs[0] and "on 4 devices" in outs[0], outs[0][-2000:]
   _assert_same_run(ref, str(tmp_path))
 
 
-def test_sigkill_then_restart_ends_bit_identical(reference, env, tmp_path):
+def _checkpoint_steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+@pytest.mark.xdist_group("reference")
+def test_sigkill_and_sigterm_then_restart_end_bit_identical(reference, env, tmp_path):
+  # One run interrupted twice: killed hard after its first checkpoint, resumed, stopped
+  # with SIGTERM (which must save a checkpoint and exit 0), resumed again to the end.
   ref, _ = reference
   workdir = str(tmp_path)
   proc = subprocess.Popen(_cmd(workdir, *NO_QUICK_EVAL), env=env, stdout=subprocess.DEVNULL,
@@ -172,25 +180,25 @@ def test_sigkill_then_restart_ends_bit_identical(reference, env, tmp_path):
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   assert not os.path.exists(os.path.join(workdir, "model")), "the run finished before the kill"
+
+  proc = subprocess.Popen(_cmd(workdir, *NO_QUICK_EVAL), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step 3/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  lines += proc.communicate(timeout=120)[0].splitlines()
+  assert proc.returncode == 0, "".join(lines)[-3000:]
+  assert any("resuming from checkpoint at step 2" in line for line in lines)
+  assert 3 <= _checkpoint_steps(workdir)[-1] < STEPS, _checkpoint_steps(workdir)
+  assert not os.path.exists(os.path.join(workdir, "model")), "SIGTERM did not stop the run"
+
   stdout = _train(env, workdir, *NO_QUICK_EVAL)
   assert "resuming from checkpoint at step" in stdout
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(x, y), _params(ref),
                          _params(workdir))
-
-
-def test_sigterm_saves_a_checkpoint_and_stops(env, tmp_path):
-  workdir = str(tmp_path)
-  proc = subprocess.Popen(_cmd(workdir, *NO_QUICK_EVAL, "--config.train.num_steps=1000",
-                               "--config.checkpoint.every_steps=1000"),
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-  for line in proc.stdout:
-    if line.startswith("step 3/"):
-      proc.send_signal(signal.SIGTERM)
-      break
-  proc.communicate(timeout=120)
-  assert proc.returncode == 0
-  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-  assert len(steps) == 1 and 3 <= steps[0] < 1000
 
 
 def test_demo_path_trains_evaluates_and_leaves_table_and_pictures(env, tmp_path):
