@@ -93,14 +93,14 @@ def demo_config() -> ml_collections.ConfigDict:
   c.data.task_set = "synthetic"
   c.data.patch = 64  # small crops: many more steps per CPU minute, enough context at width 16
   c.train.global_batch_size = 8  # more steps rather than larger batches in a fixed budget
-  c.train.num_steps = 380  # ~1.8 s/step on 2 cores: ~12 min of training
-  c.train.warmup_steps = 20
+  c.train.num_steps = 600  # ~1.1 s/step on 2 cores: ~12 min of training
+  c.train.warmup_steps = 30
   c.train.lr = 1e-3  # small model, short schedule: the anchor run's rate
   c.train.end_lr = 1e-5
   c.train.log_every = 20
-  c.checkpoint.every_steps = 100
+  c.checkpoint.every_steps = 150
   c.checkpoint.keep = 2
-  c.eval.every_steps = 190
+  c.eval.every_steps = 300
   c.eval.benchmarks = ("denoise_15", "denoise_25", "denoise_50", "derain", "dehaze")
   c.eval.at_end = True
   return c
