@@ -1,6 +1,7 @@
 """Speed and memory of MoCE-IR-S and MoCE-IR against the official PyTorch figures.
 
     python benchmarks/speed.py [--variants s,base] [--cases eval256,eval512,train] [--runs 5]
+                               [--model scan_blocks=0,remat=1]
 
 Each case runs in its own process (so its peak resident memory is its own):
 parameters, FLOPs as XLA's cost analysis counts them, compile time, eval
@@ -28,7 +29,24 @@ OFFICIAL = {  # seconds, GB: from the issue tracker's measurements of eduardzamf
 }
 
 
-def _case(variant: str, case: str, runs: int) -> dict:
+def _parse_model_kw(text: str) -> dict:
+  """``scan_blocks=0,remat=1`` -> {"scan_blocks": 0, "remat": 1} (ints, true/false, strings)."""
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--model: expected KEY=VALUE, got {item!r}")
+    low = value.lower()
+    if low in ("true", "false"):
+      out[key] = low == "true"
+    elif value.lstrip("-").isdigit():
+      out[key] = int(value)
+    else:
+      out[key] = value
+  return out
+
+
+def _case(variant: str, case: str, runs: int, model_kw: dict) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -37,7 +55,7 @@ def _case(variant: str, case: str, runs: int) -> dict:
   from moceir_jax import losses  # pylint: disable=import-outside-toplevel
   from moceir_jax import model as model_lib  # pylint: disable=import-outside-toplevel
 
-  model = model_lib.create(model_lib.variant(variant))
+  model = model_lib.create(model_lib.variant(variant, **model_kw))
   rng = np.random.default_rng(0)
   out = {"params": model_lib.param_count(model)}
 
@@ -105,17 +123,20 @@ def main():
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--no_huge_pages", action="store_true",
                   help="run the cases without glibc's huge-page tunable (see moceir_jax/host.py)")
+  ap.add_argument("--model", default="",
+                  help="model config overrides, e.g. scan_blocks=0 or remat=1 (before/after)")
   ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: VARIANT CASE
   args = ap.parse_args()
   if args.one:
-    print(json.dumps(_case(args.one[0], args.one[1], args.runs)))
+    print(json.dumps(_case(args.one[0], args.one[1], args.runs, _parse_model_kw(args.model))))
     return
   from moceir_jax import host  # pylint: disable=import-outside-toplevel
   env = None if args.no_huge_pages else host.huge_page_env()
   for variant in args.variants.split(","):
     for case in args.cases.split(","):
       r = subprocess.run([sys.executable, __file__, "--one", variant, case, "--runs",
-                          str(args.runs)], capture_output=True, text=True, env=env)
+                          str(args.runs), "--model", args.model],
+                         capture_output=True, text=True, env=env)
       if r.returncode != 0:
         print(f"{variant} {case}: failed: {r.stderr.strip().splitlines()[-1][:300]}", flush=True)
         continue

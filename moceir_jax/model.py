@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moceir_jax import layers, ops
+from moceir_jax import layers, ops, repeat
 from moceir_jax.moce import COMPLEXITY_SCALES, DISPATCH_MODES, RANK_TYPES, MoCELayer
 
 ROUTING_NOISE_MODES = ("train", "always", "off")
@@ -56,6 +56,11 @@ class MoCEIRConfig:
   dtype: str = "float32"
   # Depthwise-conv formulation: None picks by backend (see ops.depthwise_conv).
   depthwise_impl: str | None = None
+  # Execution only (same function, same parameters; see moceir_jax/repeat.py).
+  # Both together halve training memory on XLA:CPU at 1.6x the step time
+  # (MoCE-IR-S, 4x128x128: 11.6 -> 5.3 GB, 9.2 -> 14.8 s); off by default.
+  scan_blocks: bool = False
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("heads", "num_blocks", "num_dec_blocks"):
@@ -253,11 +258,11 @@ class Group(nnx.Module):
                                 impl=cfg.depthwise_impl)
         for _ in range(n)
     ])
+    self.scan, self.remat = cfg.scan_blocks, cfg.remat
 
   def __call__(self, x):
-    for blk in self.blocks:
-      x = blk(x)
-    return x
+    return repeat.apply(self.blocks, lambda blk, h, _: (blk(h), None), x,
+                        scan=self.scan, remat=self.remat)[0]
 
 
 class EncoderStage(nnx.Module):
@@ -320,7 +325,7 @@ class MoCEIR(nnx.Module):
       raise ValueError(f"routing_noise={cfg.routing_noise!r} needs a noise_key "
                        f"when train={train}")
     names = cfg.block_names()
-    keys = list(jax.random.split(noise_key, len(names))) if noisy else [None] * len(names)
+    keys = jax.random.split(noise_key, len(names)) if noisy else None
 
     acts, decisions = {}, {}
     acc = ops.acc_dtype(cfg.dtype)
@@ -340,12 +345,24 @@ class MoCEIR(nnx.Module):
     for i, stage in enumerate(self.decoder):
       feats = ops.pixel_shuffle(stage.up(feats))
       feats = stage.fuse(jnp.concatenate([feats, skips.pop()], axis=-1))
-      for blk in stage.blocks:
-        name = names[k]
-        feats, adapted, info = blk(feats, freq, train=train, noise_key=keys[k], dispatch=dispatch,
-                                   override=None if routing is None else routing[name])
-        acts[name + ".adapter"], acts[name], decisions[name] = adapted, feats, info
-        k += 1
+      here = names[k:k + len(stage.blocks)]
+      xs = dict(key=None if keys is None else keys[k:k + len(here)],
+                override=None if routing is None else jax.tree.map(
+                    lambda *a: jnp.stack([jnp.asarray(v) for v in a]),
+                    *[tuple(routing[n]) for n in here]))
+
+      def run(blk, h, x):
+        h, adapted, info = blk(h, freq, train=train, noise_key=x["key"], dispatch=dispatch,
+                               override=x["override"])
+        return h, (info, (adapted, h) if capture else None)
+
+      feats, (infos, captured) = repeat.apply(stage.blocks, run, feats, xs,
+                                              scan=cfg.scan_blocks, remat=cfg.remat)
+      for j, name in enumerate(here):
+        decisions[name] = jax.tree.map(lambda a, j=j: a[j], infos)
+        if capture:
+          acts[name + ".adapter"], acts[name] = captured[0][j], captured[1][j]
+      k += len(here)
     feats = self.refinement(feats)
     out = self.output(feats).astype(acc) + inp
     aux = sum(r["aux"] for r in decisions.values()) / len(names)
