@@ -180,3 +180,44 @@ def test_processes_together_load_exactly_the_single_process_batches(folders):
                                       shard_count=2))) for i in range(2)]
   for key in ("degraded", "clean", "task"):
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
+def test_decoded_images_are_cached_read_only_within_budget_and_change_nothing(folders,
+                                                                              monkeypatch):
+  srcs = _sources(folders)
+  uncached = _take(iter(ip.train_dataset(srcs, batch_size=4, patch=16, seed=2, cache_mb=0)), 6)
+  decodes = []
+  real = ip.read_clean
+  monkeypatch.setattr(ip, "read_clean", lambda ref: decodes.append(ref) or real(ref))
+  cached = _take(iter(ip.train_dataset(srcs, batch_size=4, patch=16, seed=2)), 6)
+  for a, b in zip(uncached, cached):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert decodes  # the stream above went through the cache
+  # One loader (Grain's reader threads may race to decode a file while it is
+  # first cached, so count on a single thread): each file is decoded once.
+  decodes.clear()
+  loader = ip._LoadSample(srcs, 16, True, "fail", cache_bytes=1 << 30)  # pylint: disable=protected-access
+  pairs = [p for s in srcs for p in s.pairs]
+  for _ in range(3):
+    for pair in pairs:
+      loader(pair, np.random.default_rng(0))
+  assert sorted(decodes) == sorted(set(p.clean for p in pairs))
+
+  cache = ip.DecodedCache(max_bytes=250)
+  loads = []
+
+  def load(n):
+    return lambda: loads.append(n) or np.zeros(n, np.uint8)
+
+  a = cache.get("a", load(100))
+  with pytest.raises(ValueError, match="read-only"):
+    a[0] = 1
+  cache.get("b", load(100))
+  cache.get("a", load(100))  # hit: "a" becomes the most recent
+  cache.get("c", load(100))  # over budget: evicts "b", the least recent
+  assert list(cache.items) == ["a", "c"] and cache.bytes == 200
+  big = cache.get("big", load(300))  # larger than the budget: returned, never cached
+  assert big.flags.writeable and "big" not in cache.items
+  cache.get("b", load(100))
+  assert loads == [100, 100, 100, 300, 100]
