@@ -348,7 +348,7 @@ class MoCEIR(nnx.Module):
       here = names[k:k + len(stage.blocks)]
       xs = dict(key=None if keys is None else keys[k:k + len(here)],
                 override=None if routing is None else jax.tree.map(
-                    lambda *a: jnp.stack([jnp.asarray(v) for v in a]),
+                    lambda *a: jnp.stack(a),
                     *[tuple(routing[n]) for n in here]))
 
       def run(blk, h, x):

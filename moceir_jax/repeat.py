@@ -36,25 +36,31 @@ def apply(blocks: Sequence[nnx.Module], fn: Callable[[nnx.Module, Any, Any], tup
   blocks = list(blocks)
   if not blocks:
     raise ValueError("apply needs at least one block")
-  splits = [nnx.split(b) for b in blocks]
 
   def step(graphdef):
     def run(state, carry, x):
       return fn(nnx.merge(graphdef, state), carry, x)
     return jax.checkpoint(run) if remat else run
 
-  def signature(i):  # a graphdef says nothing of shapes: two Linear(4, 6) and Linear(6, 3) match
-    g, state = splits[i]
+  def signature(split):  # a graphdef says nothing of shapes: Linear(4, 6) and Linear(6, 3) match
+    g, state = split
     return g, jax.tree.structure(state), [(a.shape, a.dtype) for a in jax.tree.leaves(state)]
 
-  if scan and len(blocks) > 1 and all(signature(i) == signature(0) for i in range(1, len(blocks))):
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in splits])
-    run = step(splits[0][0])
-    return jax.lax.scan(lambda c, inp: run(inp[0], c, inp[1]), carry, (stacked, xs))
+  if scan and len(blocks) > 1:
+    splits = [nnx.split(b) for b in blocks]
+    first = signature(splits[0])
+    if all(signature(s) == first for s in splits[1:]):
+      stacked = jax.tree.map(lambda *a: jnp.stack(a), *[s for _, s in splits])
+      run = step(splits[0][0])
+      return jax.lax.scan(lambda c, inp: run(inp[0], c, inp[1]), carry, (stacked, xs))
 
   ys = []
-  for i, (graphdef, state) in enumerate(splits):
+  for i, blk in enumerate(blocks):
     x = None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs)
-    carry, y = step(graphdef)(state, carry, x)
+    if remat:
+      graphdef, state = nnx.split(blk)
+      carry, y = step(graphdef)(state, carry, x)
+    else:  # a plain call: nothing to split or merge
+      carry, y = fn(blk, carry, x)
     ys.append(y)
   return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
