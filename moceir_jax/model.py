@@ -81,8 +81,9 @@ class MoCEIRConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         errors.append(f"{name}={getattr(self, name)!r} is not one of {allowed}")
-    if self.depthwise_impl not in (None, "shift", "xla"):
-      errors.append(f"depthwise_impl={self.depthwise_impl!r} is not one of (None, 'shift', 'xla')")
+    if self.depthwise_impl not in (None,) + ops.DEPTHWISE_IMPLS:
+      errors.append(f"depthwise_impl={self.depthwise_impl!r} is not one of "
+                    f"{(None,) + ops.DEPTHWISE_IMPLS}")
     if not 1 <= self.top_k <= self.num_experts:
       errors.append(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
     if self.in_channels != self.out_channels:

@@ -23,7 +23,7 @@ def _torch_depthwise_nchw(x, w, b=None):
 
 
 @pytest.mark.parametrize("k", [3, 7])
-@pytest.mark.parametrize("impl", ["shift", "xla"])
+@pytest.mark.parametrize("impl", ["native", "shift", "xla"])
 def test_depthwise_matches_torch_semantics(k, impl):
   x = RNG.normal(size=(2, 5, 9, 11)).astype(np.float32)
   w = RNG.normal(size=(5, 1, k, k)).astype(np.float32)
@@ -151,8 +151,10 @@ def test_fft_patch_product_is_circular_convolution_per_tile(patch):
   np.testing.assert_allclose(np.asarray(ours)[0], expected[:h, :w], atol=1e-4)
 
 
-def test_channel_attention_matches_reference_reshapes():
-  b, h, w, heads, d = 2, 3, 5, 2, 3
+@pytest.mark.parametrize("form", ["gram", "heads"])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_channel_attention_matches_reference_reshapes(form, heads):
+  b, h, w, d = 2, 3, 5, 3
   c = heads * d
   q, k, v = (RNG.normal(size=(b, h, w, c)).astype(np.float32) for _ in range(3))
   t = RNG.normal(size=(heads,)).astype(np.float32)
@@ -167,4 +169,17 @@ def test_channel_attention_matches_reference_reshapes():
     a /= a.sum(-1, keepdims=True)
     return (a @ v).reshape(b, c, h, w).transpose(0, 2, 3, 1)
 
-  np.testing.assert_allclose(ops.channel_attention(q, k, v, t, heads), ref(q, k, v), atol=1e-5)
+  np.testing.assert_allclose(ops.channel_attention(q, k, v, t, heads, form=form), ref(q, k, v),
+                             atol=1e-5)
+
+
+def test_channel_attention_forms_have_equal_gradients():
+  q, k, v = (jnp.asarray(RNG.normal(size=(2, 4, 6, 8)), jnp.float32) for _ in range(3))
+  t = jnp.asarray([0.7, 1.3], jnp.float32)
+  g = jnp.asarray(RNG.normal(size=(2, 4, 6, 8)), jnp.float32)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(ops.channel_attention(*a, 2, form=f) * g),
+                    argnums=(0, 1, 2, 3))(q, k, v, t) for f in ("gram", "heads")]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="channel attention form"):
+    ops.channel_attention(q, k, v, t, 2, form="fast")
