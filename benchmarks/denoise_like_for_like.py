@@ -11,9 +11,9 @@ the first 20 CBSD68 images cropped to 320x480 (noisy input 20.53 dB): 27.40 dB
 after 2 minutes, 28.18 after 6, 28.52 after 12 (1.9 steps/s).
 
 This trains ours with the same model and recipe for the same wall-clock
-minutes of training and scores the same crops. The number of steps that fits
-the budget is measured first (a short calibration run of the same step), so
-the schedule's cosine ends where the time does.
+minutes of training (``train.time_budget_minutes``: the first steps are timed
+and the cosine schedule is fitted to end when the time does) and scores the
+same crops.
 """
 
 import argparse
@@ -40,16 +40,16 @@ CROP = (320, 480)
 IMAGES = 20
 
 
-def recipe(num_steps: int, log_every: int):
+def recipe(minutes: float):
   """The anchor's recipe on our demo configuration: sigma=25 only, L1 loss."""
   c = configs.get_config("demo")
   c.unlock()
   c.data.tasks = ("denoise_25",)
-  c.train.num_steps = num_steps
-  c.train.warmup_steps = min(30, num_steps // 10)
+  c.train.time_budget_minutes = minutes
+  c.train.warmup_steps = 30
   c.train.fft_weight = 0.0  # the anchor trains with L1 alone
-  c.train.log_every = log_every
-  c.checkpoint.every_steps = max(num_steps, 1)
+  c.train.log_every = 50
+  c.checkpoint.every_steps = 1000
   c.eval.every_steps = 0  # no quick evaluations inside the budget
   c.eval.at_end = False
   c.lock()
@@ -81,23 +81,15 @@ def main():
   ap.add_argument("--data_root", required=True, help="holds denoising/cBSD68/original_png")
   ap.add_argument("--minutes", type=float, default=12.0, help="wall-clock training budget")
   ap.add_argument("--workdir", default="/tmp/denoise_like_for_like")
-  ap.add_argument("--calibration_steps", type=int, default=40)
   args = ap.parse_args()
   test = crops(args.data_root)  # fail on a bad root before spending minutes
 
-  cal_dir = os.path.join(args.workdir, "calibration")
-  training.train_and_evaluate(recipe(args.calibration_steps, 10), cal_dir)
-  with open(os.path.join(cal_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    rates = [json.loads(line)["steps_per_s"] for line in f]
-  rate = float(np.nanmedian(rates[1:] or rates))
-  steps = max(1, int(args.minutes * 60 * rate))
-  print(f"calibration: {rate:.2f} steps/s -> {steps} steps in {args.minutes:g} minutes",
-        flush=True)
-
   run_dir = os.path.join(args.workdir, f"{args.minutes:g}min")
   t0 = time.perf_counter()
-  training.train_and_evaluate(recipe(steps, max(1, steps // 20)), run_dir)
+  training.train_and_evaluate(recipe(args.minutes), run_dir)
   wall = time.perf_counter() - t0
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    steps = [json.loads(line)["step"] for line in f][-1]
 
   restorer = Restorer(checkpoint.load_model(os.path.join(run_dir, "model")), dispatch="sparse")
   inp, out = [], []

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.warmup_epochs = 15
   c.train.num_steps = -1
   c.train.warmup_steps = -1
+  # > 0: measure this machine's speed in the first steps and fit the schedule's
+  # length to this many minutes of training (num_steps/num_epochs until then).
+  c.train.time_budget_minutes = 0.0
   c.train.lr = 2e-4
   c.train.end_lr = 0.0
   c.train.weight_decay = 0.01  # torch.optim.AdamW's default, which the reference keeps
@@ -93,7 +96,11 @@ def demo_config() -> ml_collections.ConfigDict:
   c.data.task_set = "synthetic"
   c.data.patch = 64  # small crops: many more steps per CPU minute, enough context at width 16
   c.train.global_batch_size = 8  # more steps rather than larger batches in a fixed budget
-  c.train.num_steps = 600  # ~1.1 s/step on 2 cores: ~12 min of training
+  # 11 minutes of training whatever the machine (its speed is measured in the
+  # first steps; 2-core machines differ 2x); with compilation and the final
+  # evaluation the whole run takes about 15. num_steps holds until measured.
+  c.train.time_budget_minutes = 11.0
+  c.train.num_steps = 600
   c.train.warmup_steps = 30
   c.train.lr = 1e-3  # small model, short schedule: the anchor run's rate
   c.train.end_lr = 1e-5

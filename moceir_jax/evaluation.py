@@ -107,7 +107,7 @@ def load_trained_model(workdir: str, config=None) -> model_lib.MoCEIR:
     if os.path.isdir(model_dir):
       return checkpoint.load_model(model_dir)
     raise FileNotFoundError(f"{workdir}: no training checkpoint in checkpoints/ and no model/")
-  tx, _ = training.make_optimizer(config, 1, 0)
+  tx, _ = training.make_optimizer(config, 0)
   graphdef, buffers, _ = training.create_state(cfg, tx, 0)
   shapes = jax.eval_shape(lambda: training.create_state(cfg, tx, 0)[2])
   state = checkpoint.restore_training(manager, step, shapes)

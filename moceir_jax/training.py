@@ -40,6 +40,10 @@ class TrainState:
   params: Any  # nnx.State of the model's nnx.Param leaves
   opt_state: Any
   rng: jax.Array  # raw uint32 key data: the base key of every step's randomness
+  # Length of the learning-rate schedule. Part of the state, not of the compiled
+  # step, so a time-budgeted run can fix it after measuring its own speed, and a
+  # resumed run continues the schedule it started.
+  total_steps: jax.Array  # int32 scalar
 
 
 def model_config(config) -> model_lib.MoCEIRConfig:
@@ -58,6 +62,8 @@ def validate(config) -> None:
     problems.append(f"train.global_batch_size={t.global_batch_size} must be >= 1")
   if t.num_steps <= 0 and t.num_epochs <= 0:
     problems.append("set train.num_steps > 0 or train.num_epochs > 0")
+  if t.time_budget_minutes < 0:
+    problems.append(f"train.time_budget_minutes={t.time_budget_minutes} must be >= 0")
   if t.lr <= 0:
     problems.append(f"train.lr={t.lr} must be > 0")
   if d.patch % model_config(config).size_multiple:
@@ -80,24 +86,46 @@ def schedule_lengths(config, samples_per_epoch: int) -> tuple[int, int]:
   return int(total), int(min(warmup, total))
 
 
-def make_optimizer(config, total_steps: int, warmup_steps: int):
-  """AdamW with linear warm-up from 0 then cosine decay, as the reference's schedule."""
+def make_schedule(config, warmup_steps: int):
+  """``lr(step, total_steps)``: linear warm-up from 0, then cosine decay to ``end_lr``.
+
+  The reference's schedule (optax's warmup_cosine_decay_schedule), with the
+  total a traced value so it can live in the train state.
+  """
   t = config.train
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.lr, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=t.end_lr)
-  tx = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+
+  def lr(step, total_steps):
+    step = jnp.asarray(step, jnp.float32)
+    warm = jnp.float32(max(warmup_steps, 0))
+    decay = jnp.maximum(jnp.asarray(total_steps, jnp.float32), warm + 1.0) - warm
+    warmup_lr = t.lr * step / jnp.maximum(warm, 1.0)
+    frac = jnp.clip((step - warm) / decay, 0.0, 1.0)
+    cosine_lr = t.end_lr + (t.lr - t.end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(step < warm, warmup_lr, cosine_lr)
+
+  return lr
+
+
+def make_optimizer(config, warmup_steps: int):
+  """(tx, lr): AdamW at unit rate, whose updates the train step scales by ``lr(step, total)``.
+
+  optax's adamw multiplies both the Adam direction and the decoupled weight
+  decay by the rate, so scaling its unit-rate updates is the same optimizer.
+  """
+  t = config.train
+  tx = optax.adamw(1.0, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
   if t.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
-  return tx, schedule
+  return tx, make_schedule(config, warmup_steps)
 
 
-def create_state(cfg: model_lib.MoCEIRConfig, tx, seed: int):
+def create_state(cfg: model_lib.MoCEIRConfig, tx, seed: int, total_steps: int = 1):
   """(graphdef, buffers, TrainState): the model split into its static and trained parts."""
   model = model_lib.create(cfg, seed=seed)
   graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(seed)))
+                     rng=jax.random.key_data(jax.random.key(seed)),
+                     total_steps=jnp.asarray(total_steps, jnp.int32))
   return graphdef, buffers, state
 
 
@@ -116,12 +144,48 @@ def make_train_step(graphdef, buffers, tx, schedule, weights: dict[str, float]):
   def train_step(state: TrainState, batch, rng):
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=loss, **parts, lr=schedule(state.step),
-                   grad_norm=optax.global_norm(grads))
+    lr = schedule(state.step, state.total_steps)
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
+    metrics = dict(loss=loss, **parts, lr=lr, grad_norm=optax.global_norm(grads))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+class TimeBudget:
+  """Fits the schedule's length to a wall-clock budget, measured on this machine.
+
+  Training speed differs several-fold between machines, so a fixed step count
+  is minutes on one and an hour on another. With ``train.time_budget_minutes``
+  the first steps are timed (after compilation, within the warm-up, whose
+  learning rates do not depend on the total), and the total is set once so
+  that training ends when the budget does; it is stored in the train state, so
+  a resumed run keeps it. Every process uses process 0's figure.
+  """
+
+  MEASURE_STEPS = 12
+
+  def __init__(self, minutes: float, warmup_steps: int):
+    self.seconds = 60.0 * minutes
+    self.measure = max(1, min(self.MEASURE_STEPS, warmup_steps)) if warmup_steps else 4
+    self.t0 = self.s0 = None
+    self.rate = float("nan")
+
+  def __bool__(self):
+    return self.seconds > 0
+
+  def start(self, step: int):
+    self.t0, self.s0 = time.perf_counter(), step
+
+  def due(self, step: int) -> bool:
+    return self.t0 is not None and self.rate != self.rate and step == self.s0 + self.measure
+
+  def total_steps(self, step: int) -> int:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    elapsed = time.perf_counter() - self.t0
+    self.rate = (step - self.s0) / elapsed
+    total = step + int(max(self.seconds - elapsed, 0.0) * self.rate)
+    return int(multihost_utils.broadcast_one_to_all(np.int32(total)))
 
 
 def step_key(state_rng, step: int):
@@ -228,10 +292,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   sources = experiment_data.training_sources(config.data)
   total, warmup = schedule_lengths(config, experiment_data.samples_per_epoch(sources))
-  tx, schedule = make_optimizer(config, total, warmup)
+  tx, schedule = make_optimizer(config, warmup)
   weights = dict(l1=config.train.l1_weight, fft=config.train.fft_weight,
                  aux=config.train.aux_weight)
-  graphdef, buffers, state = create_state(cfg, tx, config.seed)
+  graphdef, buffers, state = create_state(cfg, tx, config.seed, total)
   state_sh = parallel.state_shardings(state, mesh, config.mesh.fsdp, config.mesh.fsdp_min_size)
   state = jax.device_put(state, state_sh)
   buffers = jax.device_put(buffers, parallel.replicated(mesh))
@@ -249,9 +313,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     abstract = jax.tree_util.tree_map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sh)
     state = checkpoint.restore_training(manager, latest, abstract, data_iter)
+    total = int(state.total_steps)  # the schedule this run started with (maybe time-budgeted)
     logging.info("resumed from step %d", latest)
     if jax.process_index() == 0:
-      print(f"resuming from checkpoint at step {latest}", flush=True)
+      print(f"resuming from checkpoint at step {latest} of {total}", flush=True)
+  budget = TimeBudget(config.train.time_budget_minutes, warmup) if latest is None else None
 
   train_step = jax.jit(make_train_step(graphdef, buffers, tx, schedule, weights),
                        in_shardings=(state_sh, parallel.batch_sharding(mesh),
@@ -279,6 +345,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step == first_step + 1:  # rates exclude compilation
         jax.block_until_ready(metrics)
         reporter.start(step)
+        if budget:
+          budget.start(step)
+      if budget and budget.due(step):
+        jax.block_until_ready(metrics)
+        total = budget.total_steps(step)
+        state = state.replace(total_steps=jax.device_put(jnp.asarray(total, jnp.int32),
+                                                         state_sh.total_steps))
+        reporter.total = total
+        if jax.process_index() == 0:
+          print(f"time budget {config.train.time_budget_minutes:g} min at {budget.rate:.2f} "
+                f"steps/s: training for {total} steps", flush=True)
       if step % config.train.log_every == 0 or step == total:
         reporter.train(step, jax.device_get(metrics))
       if step % config.checkpoint.every_steps == 0 and step < total:

@@ -4,6 +4,9 @@ import importlib.util
 import os
 import sys
 
+import jax
+import numpy as np
+import optax
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -41,6 +44,30 @@ def test_schedule_in_reference_epochs():
   c = _module().get_config("s")
   total, warmup = training.schedule_lengths(c, samples_per_epoch=3200)
   assert (total, warmup) == (150 * 100, 15 * 100)
+
+
+@pytest.mark.parametrize("warmup,total,end_lr", [(15, 100, 0.0), (0, 50, 1e-5), (30, 31, 0.0)])
+def test_schedule_is_optax_warmup_cosine_with_the_total_as_data(warmup, total, end_lr):
+  c = _module().get_config("smoke")
+  c.train.end_lr = end_lr
+  lr = training.make_schedule(c, warmup)
+  ref = optax.warmup_cosine_decay_schedule(0.0, c.train.lr, warmup, max(total, warmup + 1),
+                                           end_value=end_lr)
+  steps = np.arange(0, total + 5)
+  np.testing.assert_allclose(jax.vmap(lambda s: lr(s, total))(steps), jax.vmap(ref)(steps),
+                             rtol=1e-5, atol=1e-9)
+
+
+def test_time_budget_sets_the_total_from_the_measured_rate(monkeypatch):
+  clock = iter([100.0, 106.0])  # start(), then total_steps(): 12 steps in 6 s
+  monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+  budget = training.TimeBudget(minutes=1.0, warmup_steps=30)
+  assert budget and not training.TimeBudget(0.0, 30)
+  budget.start(1)
+  assert not budget.due(12) and budget.due(1 + budget.MEASURE_STEPS)
+  total = budget.total_steps(13)
+  assert budget.rate == pytest.approx(2.0) and total == 13 + int(54 * 2.0)
+  assert not budget.due(13)  # measured once
 
 
 def test_unknown_variant_and_task_set_are_named():

@@ -9,6 +9,7 @@ sets --dist loadgroup) so the reference run is made once.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from flax import nnx
 
 from conftest import PROJECT
 from moceir_jax import checkpoint
+from moceir_jax.training import TimeBudget
 
 STEPS = 6
 COMMON = [f"--config.train.num_steps={STEPS}", "--config.checkpoint.every_steps=2"]
@@ -208,10 +210,15 @@ def test_demo_path_trains_evaluates_and_leaves_table_and_pictures(env, tmp_path)
          f"--config={os.path.join(PROJECT, 'configs', 'moceir.py')}", f"--workdir={workdir}",
          "--config.model.dim=8", "--config.model.levels=2", "--config.model.heads=(1,2)",
          "--config.model.num_blocks=(1,1)", "--config.model.num_dec_blocks=(1,)",
-         "--config.data.patch=32", "--config.train.num_steps=2", "--config.eval.every_steps=0",
-         "--config.eval.heldout_crop=48"]
+         "--config.data.patch=32", "--config.train.time_budget_minutes=0.05",
+         "--config.eval.every_steps=0", "--config.eval.heldout_crop=48"]
   r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  # The demo's schedule is fitted to its time budget (here 3 s) after timing its first steps.
+  found = re.search(r"time budget 0.05 min at [0-9.]+ steps/s: training for (\d+) steps", r.stdout)
+  assert found, r.stdout[-3000:]
+  total = int(found.group(1))
+  assert total > TimeBudget.MEASURE_STEPS and f"step {total}/{total}" in r.stdout
   tasks = ["denoise_15", "denoise_25", "denoise_50", "derain", "dehaze", "deblur", "lowlight"]
   assert "| set | images | input PSNR" in r.stdout  # the table is printed
   md = open(os.path.join(workdir, "eval", "results.md")).read()
