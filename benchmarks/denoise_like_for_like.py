@@ -47,6 +47,7 @@ def recipe(minutes: float):
   c.data.tasks = ("denoise_25",)
   c.train.time_budget_minutes = minutes
   c.train.warmup_steps = 30
+  c.train.lr = 1e-3  # the anchor's rate (the demo's own is higher)
   c.train.fft_weight = 0.0  # the anchor trains with L1 alone
   c.train.log_every = 50
   c.checkpoint.every_steps = 1000

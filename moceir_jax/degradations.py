@@ -58,7 +58,8 @@ class GaussianNoise:
 @dataclasses.dataclass(frozen=True)
 class Rain:
   """Rain streaks: sparse seeds smeared along a random angle by a blurred line kernel."""
-  density: Range = (0.002, 0.01)  # fraction of pixels seeding a streak
+  # Severity matches Rain100L: held-out inputs average 26 dB (the real test pairs: 26.8 dB).
+  density: Range = (0.001, 0.005)  # fraction of pixels seeding a streak
   length: Range = (10.0, 30.0)  # streak length in pixels
   angle: Range = (-30.0, 30.0)  # degrees from vertical
   brightness: Range = (0.6, 0.9)
@@ -83,7 +84,10 @@ class Haze:
   Depth is a smooth random field (haze thickens with distance), the airlight A
   a bright, slightly tinted grey.
   """
-  beta: Range = (0.6, 1.8)
+  # Severity near SOTS-outdoor's (the real test pairs: 18.3 dB): held-out inputs average
+  # 16.5 dB, training crops 19 dB. Thicker haze (beta up to 1.8, inputs near 11 dB) leaves
+  # too little of the scene to learn from in a CPU-sized budget.
+  beta: Range = (0.2, 1.0)
   airlight: Range = (0.7, 1.0)
   tint: float = 0.05  # per-channel airlight variation
   depth_scale: float = 64.0  # spatial scale of depth variations (px)
@@ -99,8 +103,9 @@ class Haze:
 @dataclasses.dataclass(frozen=True)
 class Blur:
   """Motion blur (a line kernel at a random angle) or defocus (a disk), chosen per call."""
-  motion_length: Range = (5.0, 21.0)
-  defocus_radius: Range = (1.5, 5.0)
+  # Held-out inputs average 25.8 dB, GoPro's blurred inputs about 25.6 dB.
+  motion_length: Range = (5.0, 15.0)
+  defocus_radius: Range = (1.0, 3.0)
   p_motion: float = 0.7
 
   def __call__(self, img, rng):

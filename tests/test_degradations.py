@@ -29,7 +29,7 @@ def test_noise_std_matches_sigma(sigma):
 
 
 def test_haze_lowers_contrast_and_lifts_darks(photo):
-  out = D.Haze()(photo, np.random.default_rng(1))
+  out = D.Haze(beta=1.0)(photo, np.random.default_rng(1))
   assert out.std() < 0.8 * photo.std()
   dark = photo.mean(-1) < 0.15
   assert dark.any() and out[dark].mean() > photo[dark].mean() + 0.1
