@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   # installed packages; or a folder; or tfds:NAME[/SPLIT]) and the tasks made from them.
   c.data.clean = "builtin"
   c.data.tasks = SYNTHETIC_TASKS
+  # Relative sampling weight of each synthetic task, in the order of data.tasks
+  # (empty = equal), e.g. --config.data.task_weights="(1,1,1,2,2,2,1)".
+  c.data.task_weights = ()
   c.data.patch = 128
   c.data.worker_count = 0
   c.data.on_error = "fail"  # fail | skip (log and draw another sample)

@@ -65,9 +65,24 @@ def clean_images(spec: str, heldout: bool = False) -> list:
   return [r for i, r in enumerate(refs) if (i in held) == heldout]
 
 
+def task_weights(data) -> list[float] | None:
+  """``data.task_weights`` checked against ``data.tasks`` (None = equal weights)."""
+  weights = tuple(data.get("task_weights", ()) or ())
+  if not weights:
+    return None
+  if len(weights) != len(data.tasks):
+    raise ValueError(f"data.task_weights has {len(weights)} values for {len(data.tasks)} tasks "
+                     f"{tuple(data.tasks)}; give one weight per task, in that order")
+  bad = [w for w in weights if not isinstance(w, (int, float)) or not w > 0]
+  if bad:
+    raise ValueError(f"data.task_weights={weights}: every weight must be a number > 0, got {bad}")
+  return [float(w) for w in weights]
+
+
 def training_sources(data) -> list[input_pipeline.TaskSource]:
   if data.task_set == "synthetic":
-    return input_pipeline.synthetic_sources(clean_images(data.clean), list(data.tasks))
+    return input_pipeline.synthetic_sources(clean_images(data.clean), list(data.tasks),
+                                            task_weights(data))
   if not data.root:
     raise ValueError(f"data.task_set={data.task_set!r} reads the official datasets: set "
                      "--config.data.root=DIR (or use data.task_set=synthetic)")

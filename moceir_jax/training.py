@@ -69,6 +69,11 @@ def validate(config) -> None:
   if d.patch % model_config(config).size_multiple:
     problems.append(f"data.patch={d.patch} must be a multiple of "
                     f"{model_config(config).size_multiple} (2**(levels-1))")
+  if d.task_set == "synthetic":
+    try:
+      experiment_data.task_weights(d)
+    except ValueError as e:
+      problems.append(str(e))
   if d.on_error not in ("fail", "skip"):
     problems.append(f"data.on_error={d.on_error!r} must be 'fail' or 'skip'")
   if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1:

@@ -104,3 +104,8 @@ def test_overrides_typos_and_bad_values(monkeypatch):
     training.validate(c)
   with pytest.raises(TypeError):
     c.train.lr = "fast"  # ml_collections type checking
+  c = _parse(["prog", f"--config={CONFIG_FILE}:smoke", "--config.data.task_weights=(1,2)"],
+             monkeypatch)
+  assert tuple(c.data.task_weights) == (1, 2)
+  with pytest.raises(ValueError, match=r"task_weights has 2 values for 3 tasks"):
+    training.validate(c)  # smoke trains three tasks

@@ -39,6 +39,18 @@ def test_synthetic_sources_and_heldout_sets():
   np.testing.assert_array_equal(sample["degraded"], again["degraded"])
 
 
+def test_task_weights_set_the_mix_and_are_checked():
+  sources = experiment_data.training_sources(_data(task_weights=(1.0, 3.0)))
+  n = len(experiment_data.builtin_photos())
+  assert [s.weight for s in sources] == [1.0 * n, 3.0 * n]
+  assert [s.weight for s in experiment_data.training_sources(_data(task_weights=()))] == [n, n]
+  with pytest.raises(ValueError, match=r"2 values for 3 tasks .*one weight per task"):
+    experiment_data.training_sources(_data(tasks=("denoise_25", "dehaze", "derain"),
+                                           task_weights=(1.0, 2.0)))
+  with pytest.raises(ValueError, match=r"must be a number > 0, got \[0\.0\]"):
+    experiment_data.training_sources(_data(task_weights=(1.0, 0.0)))
+
+
 def test_folder_source_holds_out_every_tenth_image(tmp_path):
   for i in range(12):
     Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"{i:02d}.png")
