@@ -47,10 +47,9 @@ _state: dict = {}
 
 
 def _cache_dir() -> str:
-  root = os.environ.get("MOCEIR_NATIVE_CACHE") or os.path.join(
+  return os.environ.get("MOCEIR_NATIVE_CACHE") or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
       "moceir_jax")
-  return root
 
 
 def _cpu_signature() -> str:

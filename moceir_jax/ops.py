@@ -199,10 +199,10 @@ def depthwise_conv(x, kernel, bias=None, impl: str | None = None):
   if impl == "native":
     y = _depthwise_native(x, kernel)
   elif impl == "shift":
-    y = _depthwise_shift(x, kernel.astype(x.dtype))
+    y = _depthwise_shift(x, kernel)
   elif impl == "xla":
     y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype).reshape(kh, kw, 1, c), window_strides=(1, 1),
+        x, kernel.reshape(kh, kw, 1, c), window_strides=(1, 1),
         padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
         precision=jax.lax.Precision.HIGHEST)
