@@ -134,8 +134,16 @@ def create_state(cfg: model_lib.MoCEIRConfig, tx, seed: int, total_steps: int = 
   return graphdef, buffers, state
 
 
-def make_train_step(graphdef, buffers, tx, schedule, weights: dict[str, float]):
-  """The pure train step: (state, batch, rng) -> (new state, scalar metrics)."""
+def make_train_step(graphdef, buffers, tx, schedule, weights: dict[str, float],
+                    num_tasks: int = 1):
+  """The pure train step: (state, batch, rng) -> (new state, metrics).
+
+  Besides scalars, the metrics hold ``task_l1`` and ``task_count`` (num_tasks,):
+  the summed per-image L1 and the number of images of each task in the batch
+  (``batch["task"]``, all task 0 when absent). One mixed-task loss hides a task
+  that stalls or gets worse while the others improve; the loop sums these over
+  its logging window and reports each task's mean.
+  """
 
   def loss_fn(params, batch, rng):
     model = nnx.merge(graphdef, params, buffers)
@@ -144,14 +152,19 @@ def make_train_step(graphdef, buffers, tx, schedule, weights: dict[str, float]):
              "fft": losses.fft_l1(out.image, batch["clean"]),
              "aux": out.aux_loss}
     total = sum(weights[k] * v for k, v in parts.items() if weights[k])
-    return total, parts
+    per_image = jnp.mean(jnp.abs(out.image - batch["clean"]), axis=(1, 2, 3))
+    return total, (parts, per_image)
 
   def train_step(state: TrainState, batch, rng):
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, (parts, per_image)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     lr = schedule(state.step, state.total_steps)
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-    metrics = dict(loss=loss, **parts, lr=lr, grad_norm=optax.global_norm(grads))
+    task = batch.get("task", jnp.zeros(per_image.shape, jnp.int32))
+    metrics = dict(loss=loss, **parts, lr=lr, grad_norm=optax.global_norm(grads),
+                   task_l1=jax.ops.segment_sum(per_image, task, num_tasks),
+                   task_count=jax.ops.segment_sum(jnp.ones_like(per_image), task, num_tasks))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -225,7 +238,8 @@ class Reporter:
     """Starts the clock (after the first, compiling, step)."""
     self.t0, self.s0 = time.perf_counter(), step
 
-  def train(self, step: int, metrics: dict):
+  def train(self, step: int, metrics: dict, tasks: dict | None = None):
+    """A progress line; ``tasks``: name -> (mean L1, images) over the logging window."""
     if not self.active:
       return
     m = {k: float(v) for k, v in metrics.items()}
@@ -235,6 +249,12 @@ class Reporter:
     print(f"step {step}/{self.total} | loss {m['loss']:.4f} (l1 {m['l1']:.4f} fft {m['fft']:.4f} "
           f"aux {m['aux']:.4f}) | lr {m['lr']:.2e} | {rate:.2f} steps/s "
           f"{rate * self.batch_size:.1f} img/s | ETA {_duration(eta)}", flush=True)
+    tasks = tasks or {}
+    if len(tasks) > 1:
+      print("  l1 by task: " + "  ".join(f"{k} {l1:.4f}" for k, (l1, _) in tasks.items()),
+            flush=True)
+    for k, (l1, n) in tasks.items():
+      m[f"l1/{k}"], m[f"images/{k}"] = l1, n
     self.jsonl.write(json.dumps(dict(step=step, **m, steps_per_s=rate)) + "\n")
     self.jsonl.flush()
     for k, v in m.items():
@@ -324,7 +344,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       print(f"resuming from checkpoint at step {latest} of {total}", flush=True)
   budget = TimeBudget(config.train.time_budget_minutes, warmup) if latest is None else None
 
-  train_step = jax.jit(make_train_step(graphdef, buffers, tx, schedule, weights),
+  task_names = [s.task for s in sources]  # the pipeline's task ids index this list
+  train_step = jax.jit(make_train_step(graphdef, buffers, tx, schedule, weights,
+                                       len(task_names)),
                        in_shardings=(state_sh, parallel.batch_sharding(mesh),
                                      parallel.replicated(mesh)),
                        out_shardings=(state_sh, parallel.replicated(mesh)),
@@ -340,13 +362,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"{jax.process_count()} processes) in {workdir}", flush=True)
   quick_sets = evaluation.quick_sets(config)
   metrics = {}
+  window = None  # per-task (summed L1, count) since the last progress line
   first_step = step
   try:
     while step < total:
       batch = next(data_iter)
-      batch = parallel.global_batch({k: batch[k] for k in ("degraded", "clean")}, mesh)
+      batch = parallel.global_batch({k: batch[k] for k in ("degraded", "clean", "task")}, mesh)
       state, metrics = train_step(state, batch, step_key(state.rng, step))
       step += 1
+      tasks = (metrics["task_l1"], metrics["task_count"])
+      window = tasks if window is None else jax.tree.map(jnp.add, window, tasks)
       if step == first_step + 1:  # rates exclude compilation
         jax.block_until_ready(metrics)
         reporter.start(step)
@@ -362,7 +387,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
           print(f"time budget {config.train.time_budget_minutes:g} min at {budget.rate:.2f} "
                 f"steps/s: training for {total} steps", flush=True)
       if step % config.train.log_every == 0 or step == total:
-        reporter.train(step, jax.device_get(metrics))
+        sums, counts = jax.device_get(window)
+        window = None
+        scalars = {k: v for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+        reporter.train(step, scalars, {name: (float(l1 / n), int(n)) for name, l1, n
+                                       in zip(task_names, sums, counts) if n})
       if step % config.checkpoint.every_steps == 0 and step < total:
         checkpoint.save_training(manager, step, state, data_iter, config.to_dict())
       if quick_sets and (step % config.eval.every_steps == 0 or step == total):

@@ -91,6 +91,7 @@ def reference(env, tmp_path_factory):
 def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
   workdir, stdout = reference
   assert f"step {STEPS}/{STEPS}" in stdout and "steps/s" in stdout and "ETA" in stdout
+  assert "l1 by task: " in stdout
   assert "quick eval @ 4" in stdout
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["train"]["num_steps"] == STEPS
@@ -100,6 +101,11 @@ def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
     assert {"loss", "l1", "fft", "aux", "lr", "grad_norm"} <= set(rec)
     total = rec["l1"] + 0.1 * rec["fft"] + 0.01 * rec["aux"]
     assert rec["loss"] == pytest.approx(total, rel=1e-5)
+    # log_every=1: the per-task window is this step's batch of 4, split by task
+    counts = {k[len("images/"):]: v for k, v in rec.items() if k.startswith("images/")}
+    assert set(counts) <= {"denoise_25", "derain", "dehaze"} and sum(counts.values()) == 4
+    by_task = sum(rec[f"l1/{k}"] * n for k, n in counts.items()) / 4
+    assert by_task == pytest.approx(rec["l1"], rel=1e-5)
   # kept: the last 2 (checkpoint.keep of smoke) of steps 2, 4 and the final 6
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
