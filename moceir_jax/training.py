@@ -138,11 +138,12 @@ def make_train_step(graphdef, buffers, tx, schedule, weights: dict[str, float],
                     num_tasks: int = 1):
   """The pure train step: (state, batch, rng) -> (new state, metrics).
 
-  Besides scalars, the metrics hold ``task_l1`` and ``task_count`` (num_tasks,):
-  the summed per-image L1 and the number of images of each task in the batch
+  Besides scalars, the metrics hold ``task_l1``, ``task_input_l1`` and
+  ``task_count`` (num_tasks,): the summed per-image L1 of the restoration and
+  of the degraded input, and the number of images of each task in the batch
   (``batch["task"]``, all task 0 when absent). One mixed-task loss hides a task
-  that stalls or gets worse while the others improve; the loop sums these over
-  its logging window and reports each task's mean.
+  that stalls, or that the model makes worse than its input, while the others
+  improve; the loop sums these over its logging window and reports each task.
   """
 
   def loss_fn(params, batch, rng):
@@ -162,9 +163,11 @@ def make_train_step(graphdef, buffers, tx, schedule, weights: dict[str, float],
     lr = schedule(state.step, state.total_steps)
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
     task = batch.get("task", jnp.zeros(per_image.shape, jnp.int32))
+    by_task = lambda v: jax.ops.segment_sum(v, task, num_tasks)
+    input_l1 = jnp.mean(jnp.abs(batch["degraded"] - batch["clean"]), axis=(1, 2, 3))
     metrics = dict(loss=loss, **parts, lr=lr, grad_norm=optax.global_norm(grads),
-                   task_l1=jax.ops.segment_sum(per_image, task, num_tasks),
-                   task_count=jax.ops.segment_sum(jnp.ones_like(per_image), task, num_tasks))
+                   task_l1=by_task(per_image), task_input_l1=by_task(input_l1),
+                   task_count=by_task(jnp.ones_like(per_image)))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -239,7 +242,8 @@ class Reporter:
     self.t0, self.s0 = time.perf_counter(), step
 
   def train(self, step: int, metrics: dict, tasks: dict | None = None):
-    """A progress line; ``tasks``: name -> (mean L1, images) over the logging window."""
+    """A progress line; ``tasks``: name -> (mean L1 of the restoration, of the input,
+    images) over the logging window."""
     if not self.active:
       return
     m = {k: float(v) for k, v in metrics.items()}
@@ -251,10 +255,10 @@ class Reporter:
           f"{rate * self.batch_size:.1f} img/s | ETA {_duration(eta)}", flush=True)
     tasks = tasks or {}
     if len(tasks) > 1:
-      print("  l1 by task: " + "  ".join(f"{k} {l1:.4f}" for k, (l1, _) in tasks.items()),
-            flush=True)
-    for k, (l1, n) in tasks.items():
-      m[f"l1/{k}"], m[f"images/{k}"] = l1, n
+      print("  l1 by task (restored/input): " + "  ".join(
+          f"{k} {l1:.4f}/{l1_in:.4f}" for k, (l1, l1_in, _) in tasks.items()), flush=True)
+    for k, (l1, l1_in, n) in tasks.items():
+      m[f"l1/{k}"], m[f"input_l1/{k}"], m[f"images/{k}"] = l1, l1_in, n
     self.jsonl.write(json.dumps(dict(step=step, **m, steps_per_s=rate)) + "\n")
     self.jsonl.flush()
     for k, v in m.items():
@@ -370,7 +374,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       batch = parallel.global_batch({k: batch[k] for k in ("degraded", "clean", "task")}, mesh)
       state, metrics = train_step(state, batch, step_key(state.rng, step))
       step += 1
-      tasks = (metrics["task_l1"], metrics["task_count"])
+      tasks = (metrics["task_l1"], metrics["task_input_l1"], metrics["task_count"])
       window = tasks if window is None else jax.tree.map(jnp.add, window, tasks)
       if step == first_step + 1:  # rates exclude compilation
         jax.block_until_ready(metrics)
@@ -387,11 +391,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
           print(f"time budget {config.train.time_budget_minutes:g} min at {budget.rate:.2f} "
                 f"steps/s: training for {total} steps", flush=True)
       if step % config.train.log_every == 0 or step == total:
-        sums, counts = jax.device_get(window)
+        sums, input_sums, counts = jax.device_get(window)
         window = None
         scalars = {k: v for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-        reporter.train(step, scalars, {name: (float(l1 / n), int(n)) for name, l1, n
-                                       in zip(task_names, sums, counts) if n})
+        reporter.train(step, scalars, {name: (float(l1 / n), float(l1_in / n), int(n))
+                                       for name, l1, l1_in, n
+                                       in zip(task_names, sums, input_sums, counts) if n})
       if step % config.checkpoint.every_steps == 0 and step < total:
         checkpoint.save_training(manager, step, state, data_iter, config.to_dict())
       if quick_sets and (step % config.eval.every_steps == 0 or step == total):

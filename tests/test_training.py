@@ -91,7 +91,7 @@ def reference(env, tmp_path_factory):
 def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
   workdir, stdout = reference
   assert f"step {STEPS}/{STEPS}" in stdout and "steps/s" in stdout and "ETA" in stdout
-  assert "l1 by task: " in stdout
+  assert "l1 by task (restored/input): " in stdout
   assert "quick eval @ 4" in stdout
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["train"]["num_steps"] == STEPS
@@ -106,6 +106,8 @@ def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
     assert set(counts) <= {"denoise_25", "derain", "dehaze"} and sum(counts.values()) == 4
     by_task = sum(rec[f"l1/{k}"] * n for k, n in counts.items()) / 4
     assert by_task == pytest.approx(rec["l1"], rel=1e-5)
+    if "denoise_25" in counts:  # sigma 25/255 noise: mean |n| ~ 0.078 before clipping
+      assert 0.04 < rec["input_l1/denoise_25"] < 0.09
   # kept: the last 2 (checkpoint.keep of smoke) of steps 2, 4 and the final 6
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
