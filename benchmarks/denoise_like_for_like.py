@@ -28,6 +28,7 @@ if __name__ == "__main__":
   from moceir_jax import host  # pylint: disable=wrong-import-position
 
   host.reexec_with_huge_pages()
+  host.use_compilation_cache()
 
 import numpy as np  # pylint: disable=wrong-import-position
 

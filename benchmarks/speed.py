@@ -134,7 +134,8 @@ def main():
     print(json.dumps(_case(args.one[0], args.one[1], args.runs, _parse_model_kw(args.model))))
     return
   from moceir_jax import host  # pylint: disable=import-outside-toplevel
-  env = None if args.no_huge_pages else host.huge_page_env()
+  env = (None if args.no_huge_pages else host.huge_page_env()) or dict(os.environ)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are measured: always compile
   for variant in args.variants.split(","):
     for case in args.cases.split(","):
       r = subprocess.run([sys.executable, __file__, "--one", variant, case, "--runs",

@@ -38,28 +38,14 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moceir_jax import host
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "depthwise.cc")
 ENV_SWITCH = "MOCEIR_NATIVE"
 _TARGETS = {"moceir_depthwise_forward": "MoceirDepthwiseForward",
             "moceir_depthwise_kernel_grad": "MoceirDepthwiseKernelGrad"}
 _lock = threading.Lock()
 _state: dict = {}
-
-
-def _cache_dir() -> str:
-  return os.environ.get("MOCEIR_NATIVE_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-      "moceir_jax")
-
-
-def _cpu_signature() -> str:
-  """What -march=native compiles for: a library built on one CPU may not run on another."""
-  try:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-      lines = [l for l in f if l.startswith(("flags", "model name", "Features", "CPU part"))]
-    return "".join(sorted(set(lines)))
-  except OSError:
-    return platform.processor() + platform.machine()
 
 
 def _compiler() -> str | None:
@@ -77,13 +63,13 @@ def _build(cxx: str) -> str:
                            check=False).stdout
   include = jax.ffi.include_dir()
   attempts = [["-O3", "-march=native"], ["-O3"]]
-  key_base = [source, version.encode(), jax.__version__.encode(), _cpu_signature().encode(),
+  key_base = [source, version.encode(), jax.__version__.encode(), host.cpu_signature().encode(),
               platform.machine().encode()]
   errors = []
   for arch_flags in attempts:
     flags = ["-std=c++17", "-shared", "-fPIC", "-w", *arch_flags, f"-I{include}"]
     key = hashlib.sha256(b"\0".join(key_base + [" ".join(arch_flags).encode()])).hexdigest()[:16]
-    folder = _cache_dir()
+    folder = host.cache_root(os.environ.get("MOCEIR_NATIVE_CACHE"))
     path = os.path.join(folder, f"depthwise-{key}.so")
     if os.path.isfile(path):
       return path

@@ -53,3 +53,37 @@ def test_entry_point_restarts_once_with_the_tunable(tmp_path):
   out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                        check=True).stdout.splitlines()
   assert out == ["start", "None []"]
+
+
+def test_compilation_cache_dir_is_per_cpu_and_respects_the_user(tmp_path):
+  folder = host.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)})
+  assert os.path.dirname(folder) == str(tmp_path / "moceir_jax")
+  assert os.path.basename(folder).startswith("xla-")
+  assert folder == host.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)})  # stable
+  assert host.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/mine"}) is None
+  assert host.compilation_cache_dir({host.CACHE_SWITCH: "0"}) is None
+
+
+def test_entry_point_reuses_compiled_programs(tmp_path):
+  script = tmp_path / "entry.py"
+  script.write_text(
+      "from moceir_jax import host\n"
+      "host.use_compilation_cache()\n"
+      "import jax, jax.numpy as jnp\n"
+      "print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum()))\n")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", host.CACHE_SWITCH)}
+  env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]))
+  folder = host.compilation_cache_dir(env)
+
+  def run():
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    return out, sorted(os.listdir(folder))
+
+  out1, entries1 = run()
+  assert entries1  # the compiled program was stored under this CPU's folder
+  out2, entries2 = run()
+  assert (out2, entries2) == (out1, entries1)  # same result, found in the cache, nothing added
