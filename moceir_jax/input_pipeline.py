@@ -134,10 +134,11 @@ class _LoadSample:
   MAX_RETRIES = 10
 
   def __init__(self, sources: Sequence[TaskSource], patch: int, augment: bool, on_error: str,
-               cache_bytes: int = 0):
+               cache_bytes: int = 0, darken: tuple[float, float] = (0.0, 1.0)):
     self.task_ids = {s.task: i for i, s in enumerate(sources)}
     self.pairs = {s.task: s.pairs for s in sources}
     self.patch, self.augment, self.on_error = patch, augment, on_error
+    self.darken_prob, self.darken_min = darken
     self.cache = DecodedCache(cache_bytes)
 
   def _read(self, pair):
@@ -169,6 +170,8 @@ class _LoadSample:
       mode = int(rng.integers(0, 8))
       degraded, clean = flip_rotate(degraded, mode), flip_rotate(clean, mode)
     if pair.degraded is None:  # synthesise the task's degradation on the crop
+      if self.darken_prob > 0 and "lowlight" not in pair.task and rng.uniform() < self.darken_prob:
+        clean = clean * np.float32(rng.uniform(self.darken_min, 1.0))
       degraded = degradations.get(pair.task)(np.ascontiguousarray(clean), rng)
     return {"degraded": np.ascontiguousarray(degraded, np.float32),
             "clean": np.ascontiguousarray(clean, np.float32),
@@ -179,7 +182,8 @@ class _LoadSample:
 def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int = 128,
                   seed: int = 0, shard_index: int = 0, shard_count: int = 1,
                   worker_count: int = 0, augment: bool = True,
-                  on_error: str = "fail", cache_mb: int = 256) -> grain.IterDataset:
+                  on_error: str = "fail", cache_mb: int = 256,
+                  darken: tuple[float, float] = (0.0, 1.0)) -> grain.IterDataset:
   """An infinite, deterministic stream of training batches for this process.
 
   ``batch_size`` is per process; process ``shard_index`` of ``shard_count``
@@ -187,7 +191,16 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
   file (naming it); "skip" logs it and draws another sample of the same task;
   each batch's ``skipped`` entry counts the files passed over. ``cache_mb``:
   decoded images kept per loading process (see :class:`DecodedCache`; 0 = off).
+  ``darken=(p, s)``: with probability p, a synthetic sample's clean crop is
+  scaled by a factor drawn from [s, 1] before it is degraded (never for low
+  light, whose target exposure is what the model learns to restore). With a
+  handful of photos, dark images are otherwise nearly all low-light inputs, and
+  a model learns to brighten every dark image it sees.
   """
+  prob, low = darken
+  if not (0.0 <= prob <= 1.0 and 0.0 < low <= 1.0):
+    raise ValueError(f"darken=(probability {prob}, minimum scale {low}): expected a "
+                     f"probability in [0, 1] and a scale in (0, 1]")
   if on_error not in ("fail", "skip"):
     raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
   if not sources:
@@ -201,7 +214,8 @@ def train_dataset(sources: Sequence[TaskSource], *, batch_size: int, patch: int 
            for i, s in enumerate(sources)]
   total = sum(s.weight for s in sources)
   mixed = grain.MapDataset.mix(parts, [s.weight / total for s in sources])
-  ds = mixed.random_map(_LoadSample(sources, patch, augment, on_error, cache_mb << 20), seed=seed)
+  ds = mixed.random_map(_LoadSample(sources, patch, augment, on_error, cache_mb << 20,
+                                    (float(prob), float(low))), seed=seed)
   # Batches are formed before the workers, each worker building whole batches
   # that Grain interleaves back in order: identical batches for any number of
   # workers, and one transfer per batch. Sample i is drawn with its own

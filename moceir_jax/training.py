@@ -74,6 +74,10 @@ def validate(config) -> None:
       experiment_data.task_weights(d)
     except ValueError as e:
       problems.append(str(e))
+  if not 0.0 <= d.darken_prob <= 1.0:
+    problems.append(f"data.darken_prob={d.darken_prob} must be in [0, 1]")
+  if not 0.0 < d.darken_min <= 1.0:
+    problems.append(f"data.darken_min={d.darken_min} must be in (0, 1]")
   if d.on_error not in ("fail", "skip"):
     problems.append(f"data.on_error={d.on_error!r} must be 'fail' or 'skip'")
   if config.checkpoint.every_steps < 1 or config.checkpoint.keep < 1:
@@ -332,7 +336,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data = input_pipeline.train_dataset(
       sources, batch_size=local_batch, patch=config.data.patch, seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      worker_count=config.data.worker_count, on_error=config.data.on_error)
+      worker_count=config.data.worker_count, on_error=config.data.on_error,
+      darken=(config.data.darken_prob, config.data.darken_min))
   data_iter = iter(data)
 
   manager = checkpoint.training_manager(workdir, keep=config.checkpoint.keep,

@@ -109,3 +109,13 @@ def test_overrides_typos_and_bad_values(monkeypatch):
   assert tuple(c.data.task_weights) == (1, 2)
   with pytest.raises(ValueError, match=r"task_weights has 2 values for 3 tasks"):
     training.validate(c)  # smoke trains three tasks
+
+
+def test_darkening_is_demo_only_and_checked():
+  assert _module().get_config("s").data.darken_prob == 0.0  # the paper's recipe: off
+  assert _module().get_config("demo").data.darken_prob > 0
+  c = _module().get_config("smoke")
+  c.data.darken_prob, c.data.darken_min = 1.5, 0.0
+  with pytest.raises(ValueError, match=r"data.darken_prob=1.5 must be in \[0, 1\].*"
+                                       r"data.darken_min=0.0 must be in \(0, 1\]"):
+    training.validate(c)

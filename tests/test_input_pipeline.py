@@ -221,3 +221,24 @@ def test_decoded_images_are_cached_read_only_within_budget_and_change_nothing(fo
   assert big.flags.writeable and "big" not in cache.items
   cache.get("b", load(100))
   assert loads == [100, 100, 100, 300, 100]
+
+
+def test_darken_scales_synthetic_clean_crops_but_not_low_light(folders):
+  photos = datasets.clean_folder(str(folders / "clean"))
+  srcs = ip.synthetic_sources(photos, ["denoise_25", "lowlight"])
+  plain = _take(iter(ip.train_dataset(srcs, batch_size=8, patch=32, seed=3)), 4)
+  dark = _take(iter(ip.train_dataset(srcs, batch_size=8, patch=32, seed=3, darken=(1.0, 0.3))), 4)
+  scales = []
+  for a, b in zip(plain, dark):
+    np.testing.assert_array_equal(a["task"], b["task"])  # same samples, same crops
+    for n in range(8):
+      ca, cb = a["clean"][n].astype(np.float64), b["clean"][n].astype(np.float64)
+      if a["task"][n] == 1:  # low light: the target exposure is never changed
+        np.testing.assert_array_equal(cb, ca)
+      else:
+        s = cb.sum() / ca.sum()
+        np.testing.assert_allclose(cb, s * ca, atol=1e-6)
+        scales.append(s)
+  assert scales and 0.3 <= min(scales) and max(scales) <= 1.0 and np.ptp(scales) > 0.05
+  with pytest.raises(ValueError, match=r"darken=\(probability 2.0, minimum scale 0.5\)"):
+    ip.train_dataset(srcs, batch_size=2, patch=32, darken=(2.0, 0.5))
