@@ -111,9 +111,8 @@ def test_overrides_typos_and_bad_values(monkeypatch):
     training.validate(c)  # smoke trains three tasks
 
 
-def test_darkening_is_demo_only_and_checked():
+def test_darkening_is_off_by_default_and_checked():
   assert _module().get_config("s").data.darken_prob == 0.0  # the paper's recipe: off
-  assert _module().get_config("demo").data.darken_prob > 0
   c = _module().get_config("smoke")
   c.data.darken_prob, c.data.darken_min = 1.5, 0.0
   with pytest.raises(ValueError, match=r"data.darken_prob=1.5 must be in \[0, 1\].*"
