@@ -371,7 +371,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"{jax.process_count()} processes) in {workdir}", flush=True)
   quick_sets = evaluation.quick_sets(config)
   metrics = {}
-  window = None  # per-task (summed L1, count) since the last progress line
+  window = None  # per task: summed restored and input L1, image count, since the last line
   first_step = step
   try:
     while step < total:
