@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moceir_jax import checkpoint, experiment_data, input_pipeline, losses, parallel
+from moceir_jax import checkpoint, experiment_data, input_pipeline, losses, parallel, visualize
 from moceir_jax import model as model_lib
 
 CONFIG_FILE = "config.json"
@@ -282,6 +282,25 @@ class Reporter:
       self.jsonl.close()
 
 
+def plot_task_curves(workdir: str) -> str | None:
+  """``DIR/task_l1.png`` from ``DIR/metrics.jsonl`` (the last record of each step wins,
+  as a resumed run repeats the steps after its checkpoint); None without per-task records."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return None
+  by_step = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      by_step[rec["step"]] = rec
+  records = [by_step[k] for k in sorted(by_step)]
+  if not any(k.startswith("l1/") for r in records for k in r):
+    return None
+  out = os.path.join(workdir, "task_l1.png")
+  visualize.task_curves(records, out)
+  return out
+
+
 def _duration(seconds: float) -> str:
   if seconds != seconds or math.isinf(seconds):
     return "?"
@@ -424,6 +443,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     checkpoint.save_model(os.path.join(workdir, "model"), model)
     print(f"done: {step} steps; model exported to {os.path.join(workdir, 'model')}", flush=True)
+    curves = plot_task_curves(workdir)
+    if curves:
+      print(f"per-task training curves: {curves}", flush=True)
   if config.eval.at_end:
     evaluation.evaluate(config, workdir, model=model)
   return jax.device_get(metrics)

@@ -1,4 +1,4 @@
-"""Pictures of results: sample grids and routing heatmaps, written atomically as PNG."""
+"""Pictures of results: sample grids, routing heatmaps, per-task training curves (atomic PNGs)."""
 
 from __future__ import annotations
 
@@ -75,3 +75,38 @@ def routing_heatmap(usage: dict[str, dict[str, Sequence[float]]], path: str,
   fig.savefig(tmp, dpi=110)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+def task_curves(records: Sequence[dict], path: str) -> list[str]:
+  """Each task's training L1 relative to its degraded input's, against the step.
+
+  ``records`` are metrics.jsonl lines holding ``l1/TASK`` and ``input_l1/TASK``.
+  Below 1 the model improves on its input; a curve that climbs above 1 is a
+  task the model is making worse. Returns the tasks plotted.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  tasks = sorted({k[len("l1/"):] for r in records for k in r if k.startswith("l1/")})
+  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  for task in tasks:
+    pts = [(r["step"], r[f"l1/{task}"] / r[f"input_l1/{task}"]) for r in records
+           if f"l1/{task}" in r and r.get(f"input_l1/{task}", 0) > 0]
+    if pts:
+      ax.plot(*zip(*pts), label=task, linewidth=1.2)
+  ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+  ax.set_yscale("log")
+  ax.set_xlabel("step", fontsize=8)
+  ax.set_ylabel("L1 restored / L1 input", fontsize=8)
+  ax.set_title("training L1 per task, relative to the degraded input (< 1: better)", fontsize=9)
+  ax.tick_params(labelsize=7)
+  if tasks:
+    ax.legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return tasks

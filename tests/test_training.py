@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from conftest import PROJECT
 from moceir_jax import checkpoint
@@ -92,6 +93,9 @@ def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
   workdir, stdout = reference
   assert f"step {STEPS}/{STEPS}" in stdout and "steps/s" in stdout and "ETA" in stdout
   assert "l1 by task (restored/input): " in stdout
+  assert f"per-task training curves: {os.path.join(workdir, 'task_l1.png')}" in stdout
+  with Image.open(os.path.join(workdir, "task_l1.png")) as im:
+    assert im.format == "PNG" and min(im.size) > 200
   assert "quick eval @ 4" in stdout
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["train"]["num_steps"] == STEPS
@@ -240,3 +244,21 @@ def test_demo_path_trains_evaluates_and_leaves_table_and_pictures(env, tmp_path)
     assert im.size[1] > 7 * 48  # one row per task
   with Image.open(os.path.join(workdir, "eval", "routing_heatmap.png")) as im:
     assert im.size[0] > 100
+
+
+def test_task_curves_plot_each_task_and_skip_runs_without_them(tmp_path):
+  from moceir_jax import training, visualize  # pylint: disable=import-outside-toplevel
+  recs = [{"step": s, "loss": 1.0, "l1/derain": 0.05, "input_l1/derain": 0.03,
+           "l1/lowlight": 0.3 / s, "input_l1/lowlight": 0.4} for s in (1, 2, 3)]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for r in recs + recs[1:]:  # a resumed run repeats steps 2 and 3
+      f.write(json.dumps(r) + "\n")
+  assert visualize.task_curves(recs, str(tmp_path / "direct.png")) == ["derain", "lowlight"]
+  out = training.plot_task_curves(str(tmp_path))
+  assert out == str(tmp_path / "task_l1.png")
+  with Image.open(out) as im:
+    assert im.format == "PNG"
+  assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # written atomically
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+  os.remove(out)
+  assert training.plot_task_curves(str(tmp_path)) is None and not os.path.exists(out)
