@@ -89,7 +89,8 @@ def task_curves(records: Sequence[dict], path: str) -> list[str]:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   tasks = sorted({k[len("l1/"):] for r in records for k in r if k.startswith("l1/")})
-  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  from matplotlib.ticker import FormatStrFormatter  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(7.6, 3.6))
   for task in tasks:
     pts = [(r["step"], r[f"l1/{task}"] / r[f"input_l1/{task}"]) for r in records
            if f"l1/{task}" in r and r.get(f"input_l1/{task}", 0) > 0]
@@ -97,12 +98,14 @@ def task_curves(records: Sequence[dict], path: str) -> list[str]:
       ax.plot(*zip(*pts), label=task, linewidth=1.2)
   ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
   ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+  ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
   ax.set_xlabel("step", fontsize=8)
   ax.set_ylabel("L1 restored / L1 input", fontsize=8)
   ax.set_title("training L1 per task, relative to the degraded input (< 1: better)", fontsize=9)
   ax.tick_params(labelsize=7)
   if tasks:
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.png"
