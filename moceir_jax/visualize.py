@@ -16,6 +16,16 @@ def _save(img: Image.Image, path: str) -> None:
   os.replace(tmp, path)
 
 
+def _save_figure(fig, path: str) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
 def _centre(img: np.ndarray, size: int) -> np.ndarray:
   h, w = img.shape[:2]
   y, x = max(0, (h - size) // 2), max(0, (w - size) // 2)
@@ -69,12 +79,7 @@ def routing_heatmap(usage: dict[str, dict[str, Sequence[float]]], path: str,
       ax.text(c, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
               color="white" if v < 0.6 else "black")
   fig.suptitle(title + " (%)", fontsize=9)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save_figure(fig, path)
 
 
 def task_curves(records: Sequence[dict], path: str) -> list[str]:
@@ -106,10 +111,5 @@ def task_curves(records: Sequence[dict], path: str) -> list[str]:
   ax.tick_params(labelsize=7)
   if tasks:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save_figure(fig, path)
   return tasks
