@@ -1,4 +1,4 @@
-"""Process set-up that has to happen before JAX starts: huge pages, compilation cache.
+"""The process and its operating system: huge pages, compilation cache, freed memory.
 
 Every execution of a compiled step allocates its temporary buffers afresh, and
 glibc serves allocations that large with a fresh ``mmap`` whose 4 KiB pages the
@@ -17,10 +17,18 @@ JAX's persistent cache at a folder of this user's cache keyed by the CPU (XLA:CP
 code is built for the CPU it runs on, and a home directory may be shared by
 machines that differ), unless the user chose a folder (``JAX_COMPILATION_CACHE_DIR``)
 or opted out (``MOCEIR_COMPILATION_CACHE=0``).
+
+Compiling holds gigabytes of small allocations (MoCE-IR-S train step: 3.0 GB
+peak) that glibc keeps after they are freed, so the buffers of the first run
+come on top: 3.2 + 1.1 GB with ``scan_blocks`` and ``remat``. Compiling ahead
+and calling :func:`release_free_memory` (``malloc_trim``) before the first run
+hands 1.7 GB back, and the process peaks at the compiler's 3.0 GB.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import platform
@@ -94,3 +102,25 @@ def use_compilation_cache() -> None:
   folder = compilation_cache_dir()
   if folder:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+
+
+def resident_bytes() -> int | None:
+  """This process's resident memory now (Linux), or None."""
+  try:
+    with open("/proc/self/statm", encoding="ascii") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def release_free_memory() -> bool:
+  """Return the heap's free pages to the OS (glibc ``malloc_trim``); False where unavailable."""
+  if platform.libc_ver()[0] != "glibc":
+    return False
+  try:
+    trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    return False
+  trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+  trim(0)
+  return True

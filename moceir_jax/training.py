@@ -28,7 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moceir_jax import checkpoint, experiment_data, input_pipeline, losses, parallel, visualize
+from moceir_jax import checkpoint, experiment_data, host, input_pipeline, losses, parallel
+from moceir_jax import visualize
 from moceir_jax import model as model_lib
 
 CONFIG_FILE = "config.json"
@@ -217,6 +218,19 @@ def step_key(state_rng, step: int):
   return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
 
 
+def compile_step(train_step, state, batch, key):
+  """Compiles ahead of the first run, then hands the compiler's freed memory back to the OS,
+  so that the step's buffers do not come on top of it (see :mod:`moceir_jax.host`)."""
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, batch, key).compile()
+  host.release_free_memory()
+  if jax.process_index() == 0:
+    rss = host.resident_bytes()
+    print(f"train step compiled in {time.perf_counter() - t0:.0f} s"
+          + (f"; {rss / 1e9:.1f} GB resident" if rss else ""), flush=True)
+  return compiled
+
+
 def model_from_state(graphdef, buffers, params) -> model_lib.MoCEIR:
   """A model holding the given parameters, gathered to host memory on every process."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
@@ -392,11 +406,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   metrics = {}
   window = None  # per task: summed restored and input L1, image count, since the last line
   first_step = step
+  compiled = None
   try:
     while step < total:
       batch = next(data_iter)
       batch = parallel.global_batch({k: batch[k] for k in ("degraded", "clean", "task")}, mesh)
-      state, metrics = train_step(state, batch, step_key(state.rng, step))
+      key = step_key(state.rng, step)
+      if compiled is None:
+        compiled = compile_step(train_step, state, batch, key)
+      state, metrics = compiled(state, batch, key)
       step += 1
       tasks = (metrics["task_l1"], metrics["task_input_l1"], metrics["task_count"])
       window = tasks if window is None else jax.tree.map(jnp.add, window, tasks)

@@ -87,3 +87,22 @@ def test_entry_point_reuses_compiled_programs(tmp_path):
   assert entries1  # the compiled program was stored under this CPU's folder
   out2, entries2 = run()
   assert (out2, entries2) == (out1, entries1)  # same result, found in the cache, nothing added
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_free_memory_returns_a_fragmented_heap(tmp_path):
+  # In a fresh process: 200 MB of small blocks, all freed but every 64th, which pins the heap
+  # so that free() alone cannot shrink it; the trim must give most of it back.
+  code = (
+      "from moceir_jax import host\n"
+      "blocks = [bytearray(2000) for _ in range(100_000)]\n"
+      "keep = blocks[::64]\n"
+      "del blocks\n"
+      "before = host.resident_bytes()\n"
+      "assert host.release_free_memory()\n"
+      "print(before - host.resident_bytes())\n")
+  env = dict(os.environ, GLIBC_TUNABLES="")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  released = int(out.stdout.split()[-1])
+  assert released > 100e6, released
