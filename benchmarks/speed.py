@@ -1,6 +1,6 @@
 """Speed and memory of MoCE-IR-S and MoCE-IR against the official PyTorch figures.
 
-    python benchmarks/speed.py [--variants s,base] [--cases eval256,eval512,train] [--runs 5]
+    python benchmarks/speed.py [--variants s,base] [--cases eval256,eval512,train] [--runs 3]
                                [--model scan_blocks=0,remat=1]
 
 Each case runs in its own process (so its peak resident memory is its own):
@@ -125,7 +125,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--variants", default="s,base")
   ap.add_argument("--cases", default="eval256,eval512,train")
-  ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--runs", type=int, default=3, help="timed runs per case, after one warm-up")
   ap.add_argument("--no_huge_pages", action="store_true",
                   help="run the cases without glibc's huge-page tunable (see moceir_jax/host.py)")
   ap.add_argument("--model", default="",

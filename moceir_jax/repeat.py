@@ -10,12 +10,13 @@ function, and the stack's transpose hands each block its own gradient.
 a block's activations from its input instead of keeping them.
 
 Measured on XLA:CPU (2 cores, MoCE-IR-S train step at 4x128x128, see
-benchmarks/speed.py --model): unrolled 9.2 s/step and 11.6 GB peak; scanned
-16.2 s and 11.9 GB (the while loop costs more than it saves, and compile time
-barely moves, 137 -> 151 s); unrolled with remat 11.5 s and 11.6 GB (XLA
-schedules the recomputation early, so nothing is freed); scanned with remat
-14.8 s and 5.3 GB. Hence both are off by default, and the pair is the option
-for training a model that does not otherwise fit in memory.
+benchmarks/speed.py --model; temp = XLA's buffers for one step): unrolled
+10.5 s/step, 7.9 GB temp; scanned 11.8 s, 7.8 GB (the while loop costs more
+than it saves, and compiles slower, 107 -> 132 s); unrolled with remat, nothing
+is freed (XLA schedules the recomputation early; measured before the native
+kernels: 11.5 s, same peak); scanned with remat 13.9 s, 1.0 GB temp, 3.0 GB
+process peak (the compiler's). Hence both are off by default, and the pair is
+the option for training a model that does not otherwise fit in memory.
 """
 
 from typing import Any, Callable, Sequence
