@@ -104,7 +104,7 @@ def _case(variant: str, case: str, runs: int, model_kw: dict) -> dict:
                                                           jax.random.key(0)).compile()
     out["compile_s"] = time.perf_counter() - t
     out["compile_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-    host.release_free_memory()  # as training does: the step's buffers reuse the compiler's pages
+    host.release_free_memory()  # as training does: the compiler's freed heap goes back to the OS
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["gflops"] = float(cost.get("flops", float("nan"))) / 1e9
