@@ -16,8 +16,16 @@ def _save(img: Image.Image, path: str) -> None:
   os.replace(tmp, path)
 
 
-def _save_figure(fig, path: str) -> None:
+def _pyplot():
+  """pyplot on the file-only backend (no display needed); imported late, as it is slow."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _save_figure(fig, path: str) -> None:
+  plt = _pyplot()
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.png"
@@ -59,9 +67,7 @@ def routing_heatmap(usage: dict[str, dict[str, Sequence[float]]], path: str,
                     expert_labels: dict[str, Sequence[str]] | None = None,
                     title: str = "expert selection frequency") -> None:
   """Tasks x experts, one panel per decoder block: usage[task][block] = fractions per expert."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
 
   tasks = list(usage)
   blocks = list(next(iter(usage.values())))
@@ -89,12 +95,10 @@ def task_curves(records: Sequence[dict], path: str) -> list[str]:
   Below 1 the model improves on its input; a curve that climbs above 1 is a
   task the model is making worse. Returns the tasks plotted.
   """
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
+  from matplotlib.ticker import FormatStrFormatter  # pylint: disable=import-outside-toplevel
 
   tasks = sorted({k[len("l1/"):] for r in records for k in r if k.startswith("l1/")})
-  from matplotlib.ticker import FormatStrFormatter  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7.6, 3.6))
   for task in tasks:
     pts = [(r["step"], r[f"l1/{task}"] / r[f"input_l1/{task}"]) for r in records
