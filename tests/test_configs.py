@@ -58,8 +58,9 @@ def test_schedule_is_optax_warmup_cosine_with_the_total_as_data(warmup, total, e
                              rtol=1e-5, atol=1e-9)
 
 
-def test_time_budget_sets_the_total_from_the_measured_rate(monkeypatch):
-  clock = iter([100.0, 106.0])  # start(), then total_steps(): 12 steps in 6 s
+def test_time_budget_sets_the_total_from_the_measured_rate_and_refits_once(monkeypatch):
+  # start(), the first fit (12 steps in 6 s), the refit (25 steps in 20 s: slower than it began).
+  clock = iter([100.0, 106.0, 120.0])
   monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
   budget = training.TimeBudget(minutes=1.0, warmup_steps=30)
   assert budget and not training.TimeBudget(0.0, 30)
@@ -67,7 +68,21 @@ def test_time_budget_sets_the_total_from_the_measured_rate(monkeypatch):
   assert not budget.due(12) and budget.due(1 + budget.MEASURE_STEPS)
   total = budget.total_steps(13)
   assert budget.rate == pytest.approx(2.0) and total == 13 + int(54 * 2.0)
-  assert not budget.due(13)  # measured once
+  refit = 13 + (total - 13) // budget.REFIT_FRACTION
+  assert [s for s in range(14, total) if budget.due(s)] == [refit]
+  total = budget.total_steps(refit)
+  assert budget.rate == pytest.approx((refit - 1) / 20.0)
+  assert total == refit + int(40 * (refit - 1) / 20.0)  # ends when the minute does
+  assert not any(budget.due(s) for s in range(refit, total + 1))  # fitted twice, no more
+
+
+def test_time_budget_too_short_to_refit_fits_once(monkeypatch):
+  clock = iter([0.0, 1.0])  # 4 steps in 1 s, a 3-second budget: 8 more steps in all
+  monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+  budget = training.TimeBudget(minutes=0.05, warmup_steps=0)
+  budget.start(1)
+  total = budget.total_steps(1 + budget.measure)
+  assert total == 5 + 8 and not any(budget.due(s) for s in range(5, total + 1))
 
 
 def test_unknown_variant_and_task_set_are_named():
