@@ -10,7 +10,9 @@ dispatch, and the train-step time at 4x3x128x128 (AdamW, L1 + 0.1 FFT + 0.01
 aux, donated state) with images/s. Times are medians of --runs after one
 warm-up run, with glibc's huge-page tunable as the entry points set it
 (--no_huge_pages: without). Random weights and inputs. Official figures (torch 2.13 CPU, 2
-threads, same kind of machine) are printed beside ours.
+threads, same kind of machine) are printed beside ours; for the official code's
+figures on this machine, run benchmarks/official_speed.py --repo PATH (a checkout
+of eduardzamfir/MoCE-IR): the same cases, measured the same way.
 """
 
 import argparse
@@ -148,18 +150,21 @@ def main():
         continue
       res = json.loads(r.stdout.strip().splitlines()[-1])
       off = OFFICIAL.get(variant, {})
+      # XLA's cost analysis counts a while loop's body once, not once per iteration.
+      flops_note = (" (scanned runs counted once)" if _parse_model_kw(args.model).get("scan_blocks")
+                    else "")
       if case == "train":
         ref = (f" | official (issue's machine) {off['train']:.2f} s, "
                f"{off['train_peak_gb']:.2f} GB" if off else "")
         print(f"{variant} train 4x3x128x128: {res['train_s']:.2f} s/step "
-              f"({res['images_per_s']:.2f} img/s), {res['gflops']:.0f} GFLOP, compile "
+              f"({res['images_per_s']:.2f} img/s), {res['gflops']:.0f} GFLOP{flops_note}, compile "
               f"{res['compile_s']:.0f} s, peak {res['peak_gb']:.2f} GB (compiler "
               f"{res['compile_peak_gb']:.2f}){ref}", flush=True)
       else:
         ref = (f" | official (issue's machine) {off['eval256']:.2f} s"
                if off and case == "eval256" else "")
         print(f"{variant} ({res['params']:,} params) {case}: dense {res['dense_s']:.2f} s "
-              f"({res['dense_gflops']:.1f} GFLOP, compile {res['dense_compile_s']:.0f} s), "
+              f"({res['dense_gflops']:.1f} GFLOP{flops_note}, compile {res['dense_compile_s']:.0f} s), "
               f"sparse {res['sparse_s']:.2f} s (compile {res['sparse_compile_s']:.0f} s), "
               f"peak {res['peak_gb']:.2f} GB{ref}", flush=True)
 
