@@ -13,7 +13,13 @@ after 2 minutes, 28.18 after 6, 28.52 after 12 (1.9 steps/s).
 This trains ours with the same model and recipe for the same wall-clock
 minutes of training (``train.time_budget_minutes``: the first steps are timed
 and the cosine schedule is fitted to end when the time does) and scores the
-same crops.
+same crops. With ``--official_repo PATH`` (a checkout of eduardzamfir/MoCE-IR;
+torch from requirements-convert.txt) it then trains the official model the
+same way on this machine: the same batches from our pipeline, the same AdamW
+settings, warm-up, cosine and time budget, its own forward pass, loss
+(L1 + 0.01 routing loss) and eval mode (which keeps its routing noise), and
+scores it on the same crops, so the comparison no longer rests on figures
+from another machine.
 """
 
 import argparse
@@ -33,10 +39,10 @@ if __name__ == "__main__":
 import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import moceir as configs  # pylint: disable=wrong-import-position
-from moceir_jax import checkpoint, datasets, degradations, input_pipeline, metrics, training  # pylint: disable=wrong-import-position
+from moceir_jax import checkpoint, datasets, degradations, experiment_data, input_pipeline, metrics, training  # pylint: disable=wrong-import-position
 from moceir_jax.inference import Restorer  # pylint: disable=wrong-import-position
 
-OFFICIAL = {2: 27.40, 6: 28.18, 12: 28.52}  # minutes -> dB, official code, this machine
+OFFICIAL = {2: 27.40, 6: 28.18, 12: 28.52}  # minutes -> dB, official code, the issue tracker's machine
 CROP = (320, 480)
 IMAGES = 20
 
@@ -78,11 +84,63 @@ def crops(root: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
   return out
 
 
+def train_official(repo: str, config, threads: int):
+  """The official model trained with our recipe for the budget; returns (net, steps)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import official_speed  # pylint: disable=import-outside-toplevel  (this script's folder)
+  torch.set_num_threads(threads)
+  torch.manual_seed(config.seed)
+  moce_ir = official_speed.import_reference(repo)
+  net = moce_ir.MoCEIR(**{**official_speed.COMMON, **official_speed.CONFIGS["demo"]})
+  net.train()
+  t = config.train
+  opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=(t.b1, t.b2), eps=t.eps,
+                          weight_decay=t.weight_decay)
+  schedule = training.make_schedule(config, t.warmup_steps)
+  sources = experiment_data.training_sources(config.data)
+  data = iter(input_pipeline.train_dataset(sources, batch_size=t.global_batch_size,
+                                           patch=config.data.patch, seed=config.seed))
+  budget = training.TimeBudget(t.time_budget_minutes, t.warmup_steps)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+  step, total, t0 = 0, 10 ** 9, time.perf_counter()
+  while step < total:
+    batch = next(data)
+    for group in opt.param_groups:  # the warm-up's rates do not depend on the total
+      group["lr"] = float(schedule(step, total))
+    opt.zero_grad(set_to_none=True)
+    out = net(nchw(batch["degraded"]))
+    loss = torch.nn.functional.l1_loss(out, nchw(batch["clean"])) + t.aux_weight * net.total_loss
+    loss.backward()
+    opt.step()
+    step += 1
+    if step == 1:
+      budget.start(step)
+    if budget.due(step):
+      total = budget.total_steps(step)
+      print(f"official: {budget.rate:.2f} steps/s, training for {total} steps", flush=True)
+    if step % t.log_every == 0:
+      print(f"official step {step}/{total} | loss {loss.item():.4f} | "
+            f"{step / (time.perf_counter() - t0):.2f} steps/s", flush=True)
+  return net, step
+
+
+def score(restore, test) -> tuple[float, float]:
+  """Mean PSNR of the noisy crops and of ``restore(noisy)`` clipped to [0, 1]."""
+  inp, out = [], []
+  for _, noisy, clean in test:
+    inp.append(metrics.psnr(noisy, clean))
+    out.append(metrics.psnr(np.clip(restore(noisy), 0.0, 1.0), clean))
+  return float(np.mean(inp)), float(np.mean(out))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--data_root", required=True, help="holds denoising/cBSD68/original_png")
   ap.add_argument("--minutes", type=float, default=12.0, help="wall-clock training budget")
   ap.add_argument("--workdir", default="/tmp/denoise_like_for_like")
+  ap.add_argument("--official_repo", help="also train the official code (a MoCE-IR checkout)")
+  ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                  help="torch threads for the official run")
   args = ap.parse_args()
   test = crops(args.data_root)  # fail on a bad root before spending minutes
 
@@ -94,16 +152,23 @@ def main():
     steps = [json.loads(line)["step"] for line in f][-1]
 
   restorer = Restorer(checkpoint.load_model(os.path.join(run_dir, "model")), dispatch="sparse")
-  inp, out = [], []
-  for _, noisy, clean in test:
-    restored = np.clip(np.asarray(restorer(noisy).image), 0.0, 1.0)
-    inp.append(metrics.psnr(noisy, clean))
-    out.append(metrics.psnr(restored, clean))
+  noisy_db, ours_db = score(lambda x: np.asarray(restorer(x).image), test)
   ref = OFFICIAL.get(int(args.minutes)) if float(args.minutes).is_integer() else None
-  ref_text = f" | official {ref:.2f} dB in the same minutes" if ref else ""
-  print(f"\nCBSD68 sigma=25, {IMAGES} crops {CROP[0]}x{CROP[1]}: noisy {np.mean(inp):.2f} dB -> "
-        f"ours {np.mean(out):.2f} dB after {steps} steps ({args.minutes:g} min budget, "
+  ref_text = f" | official {ref:.2f} dB in the same minutes (issue tracker's machine)" if ref else ""
+  print(f"\nCBSD68 sigma=25, {IMAGES} crops {CROP[0]}x{CROP[1]}: noisy {noisy_db:.2f} dB -> "
+        f"ours {ours_db:.2f} dB after {steps} steps ({args.minutes:g} min budget, "
         f"{wall / 60:.1f} min with compilation){ref_text}", flush=True)
+  if args.official_repo:
+    import torch  # pylint: disable=import-outside-toplevel
+    net, official_steps = train_official(args.official_repo, recipe(args.minutes), args.threads)
+    net.eval()
+
+    def official(x):
+      with torch.inference_mode():
+        y = net(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None])
+      return y[0].numpy().transpose(1, 2, 0)
+    print(f"official code, this machine: {score(official, test)[1]:.2f} dB after "
+          f"{official_steps} steps ({args.minutes:g} min budget)", flush=True)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ COMMON = dict(num_blocks=[4, 6, 6, 8], num_dec_blocks=[2, 4, 4], levels=4, heads
               complexity_scale="max")
 
 
-def _import_reference(repo: str):
+def import_reference(repo: str):
+  """The reference's ``net.moce_ir`` module from a checkout at ``repo``."""
   src = os.path.join(repo, "src")
   if not os.path.isfile(os.path.join(src, "net", "moce_ir.py")):
     raise SystemExit(f"--repo {repo}: no src/net/moce_ir.py there (expected a checkout of "
@@ -59,7 +60,7 @@ def _case(repo: str, variant: str, case: str, runs: int, threads: int,
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  moce_ir = _import_reference(repo)
+  moce_ir = import_reference(repo)
   net = moce_ir.MoCEIR(**{**COMMON, **CONFIGS[variant]})
   out = {"params": sum(p.numel() for p in net.parameters())}
 
