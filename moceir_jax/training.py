@@ -186,9 +186,10 @@ class TimeBudget:
   the first steps are timed (after compilation, within the warm-up, whose
   learning rates do not depend on the total) and the total is set so that
   training ends when the budget does; it is fitted once more after about an
-  eighth of the budget, since the first steps run faster than the rest (their
-  batches were prepared during compilation: the demo's 12-minute denoising run
-  measured 2.2 steps/s there, 2.0 after, and overran by 1.5 minutes). The
+  eighth of the budget, since a dozen steps do not tell the run's rate (the
+  12-minute denoising benchmark measured 2.2 steps/s over them, on batches
+  prepared during compilation, then ran at 2.0 and overran by 1.5 minutes;
+  with the refit: 1.82, then 1.99 steps/s, and it ended on time). The
   cosine's value barely moves at the refit (it is near its top). The total is
   stored in the train state, so a resumed run keeps it. Every process uses
   process 0's figures, and refits at the same step.
