@@ -87,17 +87,13 @@ def _case(repo: str, variant: str, case: str, runs: int, threads: int,
     x = torch.rand(batch, 3, size, size)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=0.01)
-
-    def fft_l1(a, b):
-      fa, fb = torch.fft.rfft2(a), torch.fft.rfft2(b)
-      return torch.nn.functional.l1_loss(torch.stack([fa.real, fa.imag], -1),
-                                         torch.stack([fb.real, fb.imag], -1))
+    from utils.loss_utils import FFTLoss  # pylint: disable=import-outside-toplevel,import-error
+    fft_l1 = FFTLoss(loss_weight=0.1)  # the reference's own
 
     def run():
       opt.zero_grad(set_to_none=True)
       y = net(x)
-      loss = (torch.nn.functional.l1_loss(y, x) + 0.1 * fft_l1(y, x)
-              + 0.01 * net.total_loss)
+      loss = torch.nn.functional.l1_loss(y, x) + fft_l1(y, x) + 0.01 * net.total_loss
       loss.backward()
       opt.step()
     out["train_s"] = median(run)
@@ -116,8 +112,8 @@ def main():
                   help="BATCHxSIZE of the train case (the demo's is 8x64)")
   ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: VARIANT CASE
   args = ap.parse_args()
+  batch, size = (int(v) for v in args.train_shape.split("x"))
   if args.one:
-    batch, size = (int(v) for v in args.train_shape.split("x"))
     print(json.dumps(_case(args.repo, *args.one, args.runs, args.threads, (batch, size))))
     return
   for variant in args.variants.split(","):
@@ -132,7 +128,6 @@ def main():
         print(f"official {variant} {case}: failed: {r.stderr.strip()[-600:]}", flush=True)
         continue
       res = json.loads(r.stdout.strip().splitlines()[-1])
-      batch, size = args.train_shape.split("x")
       what = (f"train {batch}x3x{size}x{size}" if case == "train"
               else f"{case} (1x3x{case[4:]}x{case[4:]})")
       secs = res.get("train_s", res.get("eval_s"))

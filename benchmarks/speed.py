@@ -140,6 +140,9 @@ def main():
   from moceir_jax import host  # pylint: disable=import-outside-toplevel
   env = (None if args.no_huge_pages else host.huge_page_env()) or dict(os.environ)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are measured: always compile
+  # XLA's cost analysis counts a while loop's body once, not once per iteration.
+  flops_note = (" (scanned runs counted once)" if _parse_model_kw(args.model).get("scan_blocks")
+                else "")
   for variant in args.variants.split(","):
     for case in args.cases.split(","):
       r = subprocess.run([sys.executable, __file__, "--one", variant, case, "--runs",
@@ -150,9 +153,6 @@ def main():
         continue
       res = json.loads(r.stdout.strip().splitlines()[-1])
       off = OFFICIAL.get(variant, {})
-      # XLA's cost analysis counts a while loop's body once, not once per iteration.
-      flops_note = (" (scanned runs counted once)" if _parse_model_kw(args.model).get("scan_blocks")
-                    else "")
       if case == "train":
         ref = (f" | official (issue's machine) {off['train']:.2f} s, "
                f"{off['train_peak_gb']:.2f} GB" if off else "")
