@@ -7,7 +7,7 @@ official weights); writes PSNR/SSIM and routing reports to DIR/eval/.
 from moceir_jax import host
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages()  # before JAX loads; see moceir_jax/host.py
+  host.reexec_with_fast_allocator()  # before JAX loads; see moceir_jax/host.py
   host.use_compilation_cache()
 
 from absl import app, flags, logging

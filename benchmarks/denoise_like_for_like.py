@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":
   from moceir_jax import host  # pylint: disable=wrong-import-position
 
-  host.reexec_with_huge_pages()
+  host.reexec_with_fast_allocator()
   host.use_compilation_cache()
 
 import numpy as np  # pylint: disable=wrong-import-position

@@ -8,8 +8,9 @@ parameters, FLOPs as XLA's cost analysis counts them, compile time, eval
 latency at 1x3x256x256 and 1x3x512x512 with dense and expert-skipping (sparse)
 dispatch, and the train-step time at 4x3x128x128 (AdamW, L1 + 0.1 FFT + 0.01
 aux, donated state) with images/s. Times are medians of --runs after one
-warm-up run, with glibc's huge-page tunable as the entry points set it
-(--no_huge_pages: without). Random weights and inputs. Official figures (torch 2.13 CPU, 2
+warm-up run, with the allocator the entry points choose (tcmalloc when the
+system has it, else glibc's huge-page tunable; --system_allocator: neither).
+Random weights and inputs. Official figures (torch 2.13 CPU, 2
 threads, same kind of machine) are printed beside ours; for the official code's
 figures on this machine, run benchmarks/official_speed.py --repo PATH (a checkout
 of eduardzamfir/MoCE-IR): the same cases, measured the same way.
@@ -128,8 +129,8 @@ def main():
   ap.add_argument("--variants", default="s,base")
   ap.add_argument("--cases", default="eval256,eval512,train")
   ap.add_argument("--runs", type=int, default=3, help="timed runs per case, after one warm-up")
-  ap.add_argument("--no_huge_pages", action="store_true",
-                  help="run the cases without glibc's huge-page tunable (see moceir_jax/host.py)")
+  ap.add_argument("--system_allocator", action="store_true",
+                  help="run the cases with plain glibc malloc (see moceir_jax/host.py)")
   ap.add_argument("--model", default="",
                   help="model config overrides, e.g. scan_blocks=0 or remat=1 (before/after)")
   ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: VARIANT CASE
@@ -138,7 +139,7 @@ def main():
     print(json.dumps(_case(args.one[0], args.one[1], args.runs, _parse_model_kw(args.model))))
     return
   from moceir_jax import host  # pylint: disable=import-outside-toplevel
-  env = (None if args.no_huge_pages else host.huge_page_env()) or dict(os.environ)
+  env = (None if args.system_allocator else host.allocator_env()) or dict(os.environ)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are measured: always compile
   # XLA's cost analysis counts a while loop's body once, not once per iteration.
   flops_note = (" (scanned runs counted once)" if _parse_model_kw(args.model).get("scan_blocks")

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moceir_jax import host  # pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages()  # before JAX loads; see moceir_jax/host.py
+  host.reexec_with_fast_allocator()  # before JAX loads; see moceir_jax/host.py
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position

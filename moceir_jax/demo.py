@@ -13,7 +13,7 @@ from __future__ import annotations
 from moceir_jax import host
 
 if __name__ == "__main__":
-  host.reexec_with_huge_pages()  # before JAX loads; see moceir_jax/host.py
+  host.reexec_with_fast_allocator()  # before JAX loads; see moceir_jax/host.py
   host.use_compilation_cache()
 
 import os

@@ -244,7 +244,8 @@ def compile_step(train_step, state, batch, key):
   if jax.process_index() == 0:
     rss = host.resident_bytes()
     print(f"train step compiled in {time.perf_counter() - t0:.0f} s"
-          + (f"; {rss / 1e9:.1f} GB resident" if rss else ""), flush=True)
+          + (f"; {rss / 1e9:.1f} GB resident" if rss else "")
+          + f"; allocator: {host.allocator_in_use()}", flush=True)
   return compiled
 
 
