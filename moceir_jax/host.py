@@ -113,7 +113,7 @@ def allocator_in_use(environ=None) -> str:
   environ = os.environ if environ is None else environ
   if "tcmalloc" in environ.get(MARK, ""):
     return "tcmalloc"
-  name = ("glibc with huge pages" if "glibc.malloc.hugetlb=1" in environ.get("GLIBC_TUNABLES", "")
+  name = ("glibc with huge pages" if TUNABLE in environ.get("GLIBC_TUNABLES", "")
           else "system malloc")
   if environ.get(OPT_OUT):
     return name
