@@ -156,6 +156,7 @@ def make_train_step(graphdef, buffers, tx, schedule, weights: dict[str, float],
     out = model(batch["degraded"], train=True, noise_key=rng, dispatch="dense")
     parts = {"l1": losses.l1(out.image, batch["clean"]),
              "fft": losses.fft_l1(out.image, batch["clean"]),
+             "psnr": losses.neg_psnr(out.image, batch["clean"]),
              "aux": out.aux_loss}
     total = sum(weights[k] * v for k, v in parts.items() if weights[k])
     per_image = jnp.mean(jnp.abs(out.image - batch["clean"]), axis=(1, 2, 3))
@@ -287,7 +288,7 @@ class Reporter:
     rate = (step - self.s0) / elapsed if step > self.s0 else float("nan")
     eta = (self.total - step) / rate if rate == rate and rate > 0 else float("nan")
     print(f"step {step}/{self.total} | loss {m['loss']:.4f} (l1 {m['l1']:.4f} fft {m['fft']:.4f} "
-          f"aux {m['aux']:.4f}) | lr {m['lr']:.2e} | {rate:.2f} steps/s "
+          f"psnr {-m['psnr']:.2f} dB aux {m['aux']:.4f}) | lr {m['lr']:.2e} | {rate:.2f} steps/s "
           f"{rate * self.batch_size:.1f} img/s | ETA {_duration(eta)}", flush=True)
     tasks = tasks or {}
     if len(tasks) > 1:
@@ -378,7 +379,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   total, warmup = schedule_lengths(config, experiment_data.samples_per_epoch(sources))
   tx, schedule = make_optimizer(config, warmup)
   weights = dict(l1=config.train.l1_weight, fft=config.train.fft_weight,
-                 aux=config.train.aux_weight)
+                 psnr=config.train.psnr_weight, aux=config.train.aux_weight)
   graphdef, buffers, state = create_state(cfg, tx, config.seed, total)
   state_sh = parallel.state_shardings(state, mesh, config.mesh.fsdp, config.mesh.fsdp_min_size)
   state = jax.device_put(state, state_sh)

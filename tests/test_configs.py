@@ -32,6 +32,7 @@ def test_paper_recipe_is_the_default_for_model_sizes():
       2e-4, 0.01, 32, 128)
   assert (c.train.warmup_epochs, c.train.num_epochs) == (15, 150)
   assert (c.train.l1_weight, c.train.fft_weight, c.train.aux_weight) == (1.0, 0.1, 0.01)
+  assert c.train.psnr_weight == 0.0  # the PSNR loss is the demo's, not the paper's
   assert c.model.with_complexity
   assert tuple(c.eval.benchmarks) == ("denoise_15", "denoise_25", "denoise_50", "derain",
                                       "dehaze")

@@ -102,8 +102,9 @@ def test_run_leaves_config_checkpoints_logs_samples_and_model(reference):
   losses = _losses(workdir)
   assert sorted(losses) == list(range(1, STEPS + 1))
   for rec in losses.values():
-    assert {"loss", "l1", "fft", "aux", "lr", "grad_norm"} <= set(rec)
-    total = rec["l1"] + 0.1 * rec["fft"] + 0.01 * rec["aux"]
+    assert {"loss", "l1", "fft", "psnr", "aux", "lr", "grad_norm"} <= set(rec)
+    assert 5.0 < -rec["psnr"] < 60.0  # minus the batch's mean PSNR in dB
+    total = rec["l1"] + 0.1 * rec["fft"] + 0.03 * rec["psnr"] + 0.01 * rec["aux"]
     assert rec["loss"] == pytest.approx(total, rel=1e-5)
     # log_every=1: the per-task window is this step's batch of 4, split by task
     counts = {k[len("images/"):]: v for k, v in rec.items() if k.startswith("images/")}
