@@ -111,8 +111,12 @@ def reexec_with_fast_allocator() -> None:
 def allocator_in_use(environ=None) -> str:
   """What :func:`reexec_with_fast_allocator` chose for this process, for the logs."""
   environ = os.environ if environ is None else environ
-  if "tcmalloc" in environ.get(MARK, ""):
+  preloaded = environ.get("LD_PRELOAD", "")
+  if "tcmalloc" in environ.get(MARK, "") or "tcmalloc" in preloaded:
     return "tcmalloc"
+  if "malloc" in preloaded:  # the user's own choice, which the restart keeps
+    lib = next(e for e in preloaded.replace(":", " ").split() if "malloc" in e)
+    return f"preloaded {os.path.basename(lib)}"
   name = ("glibc with huge pages" if TUNABLE in environ.get("GLIBC_TUNABLES", "")
           else "system malloc")
   if environ.get(OPT_OUT):

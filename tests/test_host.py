@@ -68,6 +68,10 @@ def test_allocator_in_use_names_the_choice_and_hints_at_tcmalloc():
   named = host.allocator_in_use({host.MARK: host.TUNABLE, "GLIBC_TUNABLES": host.TUNABLE})
   assert named.startswith("glibc with huge pages") and "libtcmalloc-minimal4" in named
   assert host.allocator_in_use({host.OPT_OUT: "1"}) == "system malloc"
+  # preloaded by the user rather than by the restart
+  assert host.allocator_in_use({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) == "tcmalloc"
+  assert host.allocator_in_use({"LD_PRELOAD": "libfoo.so:/opt/libjemalloc.so.2"}) == (
+      "preloaded libjemalloc.so.2")
 
 
 def _run_entry(tmp_path, env, *args):
