@@ -67,6 +67,9 @@ def validate(config) -> None:
     problems.append(f"train.time_budget_minutes={t.time_budget_minutes} must be >= 0")
   if t.lr <= 0:
     problems.append(f"train.lr={t.lr} must be > 0")
+  for name in ("l1_weight", "fft_weight", "psnr_weight", "aux_weight"):
+    if not t[name] >= 0:  # a negative weight would maximise that loss
+      problems.append(f"train.{name}={t[name]} must be >= 0")
   if d.patch % model_config(config).size_multiple:
     problems.append(f"data.patch={d.patch} must be a multiple of "
                     f"{model_config(config).size_multiple} (2**(levels-1))")

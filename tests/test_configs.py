@@ -125,6 +125,10 @@ def test_overrides_typos_and_bad_values(monkeypatch):
   assert tuple(c.data.task_weights) == (1, 2)
   with pytest.raises(ValueError, match=r"task_weights has 2 values for 3 tasks"):
     training.validate(c)  # smoke trains three tasks
+  c = _module().get_config("smoke")
+  c.train.psnr_weight = -0.03
+  with pytest.raises(ValueError, match=r"train.psnr_weight=-0.03 must be >= 0"):
+    training.validate(c)
 
 
 def test_darkening_is_off_by_default_and_checked():
