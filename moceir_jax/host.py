@@ -77,13 +77,19 @@ def huge_page_env(environ=None, thp_path: str = _THP) -> dict | None:
   return environ
 
 
+def _preloaded_allocator(environ) -> str | None:
+  """The allocator library in ``LD_PRELOAD`` (the user's own, or the restart's), or None."""
+  entries = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+  return next((e for e in entries if "malloc" in e), None)
+
+
 def allocator_env(environ=None, thp_path: str = _THP,
                   find_library=ctypes.util.find_library) -> dict | None:
   """The environment to restart with (tcmalloc preloaded, else huge pages), or None."""
   environ = dict(os.environ if environ is None else environ)
   if environ.get(OPT_OUT) or environ.get(MARK) or not sys.platform.startswith("linux"):
     return None
-  if "malloc" in environ.get("LD_PRELOAD", ""):  # the user's own allocator
+  if _preloaded_allocator(environ):  # the user's own allocator
     return None
   lib = find_library(PRELOAD_LIBRARY) if platform.libc_ver()[0] == "glibc" else None
   if lib:
@@ -111,11 +117,10 @@ def reexec_with_fast_allocator() -> None:
 def allocator_in_use(environ=None) -> str:
   """What :func:`reexec_with_fast_allocator` chose for this process, for the logs."""
   environ = os.environ if environ is None else environ
-  preloaded = environ.get("LD_PRELOAD", "")
-  if "tcmalloc" in environ.get(MARK, "") or "tcmalloc" in preloaded:
+  lib = _preloaded_allocator(environ)
+  if "tcmalloc" in environ.get(MARK, "") or "tcmalloc" in (lib or ""):
     return "tcmalloc"
-  if "malloc" in preloaded:  # the user's own choice, which the restart keeps
-    lib = next(e for e in preloaded.replace(":", " ").split() if "malloc" in e)
+  if lib:  # the user's own choice, which the restart keeps
     return f"preloaded {os.path.basename(lib)}"
   name = ("glibc with huge pages" if TUNABLE in environ.get("GLIBC_TUNABLES", "")
           else "system malloc")
