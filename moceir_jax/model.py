@@ -57,8 +57,8 @@ class MoCEIRConfig:
   # Depthwise-conv formulation: None picks by backend (see ops.depthwise_conv).
   depthwise_impl: str | None = None
   # Execution only (same function, same parameters; see moceir_jax/repeat.py).
-  # Both together cut training memory to a third on XLA:CPU at ~1.3x the step
-  # time (MoCE-IR-S, 4x128x128: 8.8 -> 3.0 GB, 10.5 -> 13.9 s); off by default.
+  # remat cuts training memory to a third on XLA:CPU at ~1.4x the step time
+  # (MoCE-IR-S, 4x128x128: 8.9 -> 2.8 GB, 3.8 -> 5.4 s); off by default.
   scan_blocks: bool = False
   remat: bool = False
 

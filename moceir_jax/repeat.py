@@ -1,4 +1,4 @@
-"""Applies a run of identical blocks as one ``lax.scan``, optionally rematerialised.
+"""Applies a run of identical blocks, as one ``lax.scan`` or unrolled, optionally rematerialised.
 
 MoCE-IR-S has 42 transformer blocks in runs of 2-8 identical ones. Unrolled,
 each block is its own copy of the same HLO; scanned, each run is traced and
@@ -6,24 +6,85 @@ compiled once. The parameters stay one module per block (the layout of the
 official checkpoints and of ours): they are stacked inside the traced
 function, and the stack's transpose hands each block its own gradient.
 
-``remat`` wraps each block in ``jax.checkpoint``: the backward pass recomputes
-a block's activations from its input instead of keeping them.
+``remat`` keeps only each block's inputs and recomputes its activations in the
+backward pass. Under scan that is ``jax.checkpoint`` (the loop orders the
+recomputation); unrolled, ``late_checkpoint``: XLA:CPU removes the
+optimisation barriers that keep a plain ``jax.checkpoint``'s recomputation
+apart (none is left in the optimised program), the recomputation is merged back
+into the forward pass, and nothing is freed.
 
-Measured on XLA:CPU (2 cores, MoCE-IR-S train step at 4x128x128, see
+Measured on XLA:CPU (2-core Xeon, tcmalloc, MoCE-IR-S train step at 4x128x128,
 benchmarks/speed.py --model; temp = XLA's buffers for one step): unrolled
-10.5 s/step, 7.9 GB temp; scanned 11.8 s, 7.8 GB (the while loop costs more
-than it saves, and compiles slower, 107 -> 132 s); unrolled with remat, nothing
-is freed (XLA schedules the recomputation early; measured before the native
-kernels: 11.5 s, same peak); scanned with remat 13.9 s, 1.0 GB temp, 3.0 GB
-process peak (the compiler's). Hence both are off by default, and the pair is
-the option for training a model that does not otherwise fit in memory.
+3.8 s/step, 7.9 GB temp, 8.9 GB peak; unrolled with remat 5.4 s, 1.0 GB temp,
+2.8 GB peak; scanned with remat 5.5 s, 2.9 GB peak. Scanned alone earlier cost
+more than it saved (AVX2 machine: 11.8 vs 10.5 s, 7.8 GB temp; compiles
+slower). Remat of the full-resolution level only: 4.6 s, 6.1 GB peak; of the
+two finest levels 5.0 s, 4.0 GB (the recomputation is dearest where the
+activations are largest). Hence both are off by default, and ``remat`` is the
+option for training a model that does not otherwise fit in memory.
 """
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _late(f, consts, args):
+  return f(*args, *consts)
+
+
+def _late_fwd(f, consts, args):
+  return f(*args, *consts), (consts, args)
+
+
+def _late_bwd(f, res, g):
+  consts, args = _tie(res, g)
+  _, vjp = jax.vjp(lambda c, a: f(*a, *c), consts, args)
+  return vjp(g)
+
+
+def _tie(res, g):
+  """``res`` made to depend on the cotangent ``g``, values unchanged (``g`` finite).
+
+  XLA:CPU removes optimisation barriers, so a recomputation from the saved
+  inputs alone is merged back into the forward pass and nothing is freed.
+  Adding ``0 * g[0]`` (XLA does not fold a float multiply by zero) to every
+  saved input gives the recomputation inputs that exist only once the backward
+  pass reaches the block: it cannot be merged or hoisted. The parameters too:
+  tying only the activations (elementwise or per image, which a batch-sharded
+  step could do without communication) kept what depends on the parameters
+  alone, MoCE-IR-S 1.7 instead of 1.0 GB of buffers. On a mesh the one element
+  is a scalar broadcast per block.
+  """
+  floats = [x for x in jax.tree.leaves(g) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not floats:
+    return res
+  zero = 0 * floats[0].ravel()[0]
+
+  def tie(x):
+    return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(tie, res)
+
+
+_late.defvjp(_late_fwd, _late_bwd)
+
+
+def late_checkpoint(f: Callable) -> Callable:
+  """``jax.checkpoint(f)`` whose recomputation waits for the backward pass.
+
+  Only the inputs are kept; the backward pass recomputes the activations when
+  the cotangent arrives. Values ``f`` closes over that take part in
+  differentiation are hoisted into explicit inputs (``jax.closure_convert``),
+  so their gradients flow as under ``jax.checkpoint``.
+  """
+  def wrapped(*args):
+    converted, consts = jax.closure_convert(f, *args)
+    return _late(converted, tuple(consts), args)
+  return wrapped
 
 
 def apply(blocks: Sequence[nnx.Module], fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
@@ -60,7 +121,10 @@ def apply(blocks: Sequence[nnx.Module], fn: Callable[[nnx.Module, Any, Any], tup
     x = None if xs is None else jax.tree.map(lambda a, i=i: a[i], xs)
     if remat:
       graphdef, state = nnx.split(blk)
-      carry, y = step(graphdef)(state, carry, x)
+
+      def run(state, carry, x, graphdef=graphdef):
+        return fn(nnx.merge(graphdef, state), carry, x)
+      carry, y = late_checkpoint(run)(state, carry, x)
     else:  # a plain call: nothing to split or merge
       carry, y = fn(blk, carry, x)
     ys.append(y)

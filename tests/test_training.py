@@ -175,6 +175,16 @@ def test_two_processes_of_two_devices_with_fsdp_train_like_one_device(reference,
   _assert_same_run(ref, str(tmp_path))
 
 
+@pytest.mark.xdist_group("reference")
+def test_remat_on_two_devices_trains_like_one_device_without(reference, env, tmp_path):
+  # Recomputed activations (tied to the incoming gradient, moceir_jax/repeat.py) under a
+  # batch-sharded step with the native kernels' partitioning: the same run.
+  ref, _ = reference
+  out = _train(env, str(tmp_path), *NO_QUICK_EVAL, "--config.model.remat=True", devices=2)
+  assert "on 2 devices" in out, out[-2000:]
+  _assert_same_run(ref, str(tmp_path))
+
+
 def _checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
 
