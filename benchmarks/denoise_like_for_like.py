@@ -55,7 +55,10 @@ def recipe(minutes: float):
   c.train.time_budget_minutes = minutes
   c.train.warmup_steps = 30
   c.train.lr = 1e-3  # the anchor's rate (the demo's own is higher)
-  c.train.fft_weight = 0.0  # the anchor trains with L1 alone
+  # The anchor's loss: L1 plus the routing loss. Set in full, since the demo's own loss
+  # terms change with its recipe (its PSNR loss leaked in here once).
+  c.train.l1_weight, c.train.fft_weight, c.train.psnr_weight = 1.0, 0.0, 0.0
+  c.train.aux_weight = 0.01
   c.train.log_every = 50
   c.checkpoint.every_steps = 1000
   c.eval.every_steps = 0  # no quick evaluations inside the budget
