@@ -1,7 +1,7 @@
 """Denoising, like for like with the official code's anchor run on the same CPU.
 
     python benchmarks/denoise_like_for_like.py --data_root ../shared/data/mini_root \
-        [--minutes 12] [--workdir /tmp/denoise_lfl]
+        [--minutes 12] [--workdir /tmp/denoise_lfl] [--overwrite]
 
 The anchor (measured with the official PyTorch code on a 2-core machine): the
 demo-size MoCE-IR (dim 16, blocks [1,2,2,2], decoder [1,1,1], 1 refinement
@@ -25,6 +25,7 @@ from another machine.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -65,6 +66,18 @@ def recipe(minutes: float):
   c.eval.at_end = False
   c.lock()
   return c
+
+
+def fresh_run_dir(workdir: str, minutes: float, overwrite: bool) -> str:
+  """The run's directory, empty. Training resumes from any checkpoint it finds, which
+  here would report a stale or half-old run as this one's time-budgeted result."""
+  run_dir = os.path.join(workdir, f"{minutes:g}min")
+  if os.path.isdir(run_dir) and os.listdir(run_dir):
+    if not overwrite:
+      raise SystemExit(f"{run_dir} already holds a run (training would resume it); "
+                       "pass --overwrite to replace it or another --workdir")
+    shutil.rmtree(run_dir)
+  return run_dir
 
 
 def crops(root: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -141,13 +154,15 @@ def main():
   ap.add_argument("--data_root", required=True, help="holds denoising/cBSD68/original_png")
   ap.add_argument("--minutes", type=float, default=12.0, help="wall-clock training budget")
   ap.add_argument("--workdir", default="/tmp/denoise_like_for_like")
+  ap.add_argument("--overwrite", action="store_true",
+                  help="replace an earlier run in --workdir instead of refusing")
   ap.add_argument("--official_repo", help="also train the official code (a MoCE-IR checkout)")
   ap.add_argument("--threads", type=int, default=os.cpu_count(),
                   help="torch threads for the official run")
   args = ap.parse_args()
   test = crops(args.data_root)  # fail on a bad root before spending minutes
 
-  run_dir = os.path.join(args.workdir, f"{args.minutes:g}min")
+  run_dir = fresh_run_dir(args.workdir, args.minutes, args.overwrite)
   t0 = time.perf_counter()
   training.train_and_evaluate(recipe(args.minutes), run_dir)
   wall = time.perf_counter() - t0

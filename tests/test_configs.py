@@ -139,19 +139,3 @@ def test_darkening_is_off_by_default_and_checked():
                                        r"data.darken_min=0.0 must be in \(0, 1\]"):
     training.validate(c)
 
-
-def test_like_for_like_benchmark_keeps_the_anchor_recipe_whatever_the_demo_adds():
-  # benchmarks/denoise_like_for_like.py starts from the demo config; the demo's own loss
-  # terms (its PSNR loss) once leaked into the comparison with the official code's run.
-  path = os.path.join(PROJECT, "benchmarks", "denoise_like_for_like.py")
-  spec = importlib.util.spec_from_file_location("denoise_like_for_like", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.recipe(12.0)
-  training.validate(c)
-  t = c.train
-  assert (t.l1_weight, t.fft_weight, t.psnr_weight, t.aux_weight) == (1.0, 0.0, 0.0, 0.01)
-  assert (t.lr, t.global_batch_size, c.data.patch) == (1e-3, 8, 64)
-  assert tuple(c.data.tasks) == ("denoise_25",) and c.data.darken_prob == 0.0
-  assert t.time_budget_minutes == 12.0
-  assert training.model_config(c) == model_lib.moceir_demo()
