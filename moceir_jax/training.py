@@ -360,6 +360,32 @@ def write_config(config, workdir: str) -> None:
   os.replace(tmp, path)
 
 
+def config_changes(previous: dict | None, config) -> list[str]:
+  """``key: old -> new`` for every setting that differs from the run's saved config.
+
+  A resumed run continues with the config it is given, whatever the checkpoint was
+  trained with; shapes are checked on restore, but a changed loss weight, learning
+  rate or task list would pass silently and make the run a mix of two recipes.
+  """
+  if previous is None:
+    return []
+  # Both sides as JSON values, so a tuple in the config equals the list it was saved as.
+  old, new = _flatten(json.loads(json.dumps(previous))), _flatten(json.loads(config.to_json()))
+  unset = "(unset)"
+  return [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
@@ -373,6 +399,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from moceir_jax import evaluation  # pylint: disable=import-outside-toplevel
   validate(config)
   os.makedirs(workdir, exist_ok=True)
+  previous = (load_config(workdir).to_dict()
+              if os.path.isfile(os.path.join(workdir, CONFIG_FILE)) else None)
   write_config(config, workdir)
   cfg = model_config(config)
   mesh = parallel.make_mesh()
@@ -406,6 +434,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("resumed from step %d", latest)
     if jax.process_index() == 0:
       print(f"resuming from checkpoint at step {latest} of {total}", flush=True)
+      changes = config_changes(previous, config)
+      if changes:
+        print(f"warning: the config differs from the one this run started with "
+              f"({CONFIG_FILE}); continuing with the new values:\n  " + "\n  ".join(changes),
+              flush=True)
   budget = TimeBudget(config.train.time_budget_minutes, warmup) if latest is None else None
 
   task_names = [s.task for s in sources]  # the pipeline's task ids index this list

@@ -17,6 +17,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,6 +25,7 @@ from PIL import Image
 
 from conftest import PROJECT
 from moceir_jax import checkpoint
+from moceir_jax import training
 from moceir_jax.training import TimeBudget
 
 STEPS = 6
@@ -217,11 +219,15 @@ def test_sigkill_and_sigterm_then_restart_end_bit_identical(reference, env, tmp_
   lines += proc.communicate(timeout=120)[0].splitlines()
   assert proc.returncode == 0, "".join(lines)[-3000:]
   assert any("resuming from checkpoint at step 2" in line for line in lines)
+  assert not any("config differs" in line for line in lines), "".join(lines)
   assert 3 <= _checkpoint_steps(workdir)[-1] < STEPS, _checkpoint_steps(workdir)
   assert not os.path.exists(os.path.join(workdir, "model")), "SIGTERM did not stop the run"
 
-  stdout = _train(env, workdir, *NO_QUICK_EVAL)
+  # A changed setting is named on resume (this one cannot change the result).
+  stdout = _train(env, workdir, *NO_QUICK_EVAL, "--config.checkpoint.keep=4")
   assert "resuming from checkpoint at step" in stdout
+  assert "config differs from the one this run started with" in stdout
+  assert "checkpoint.keep: 2 -> 4" in stdout
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(x, y), _params(ref),
                          _params(workdir))
 
@@ -259,7 +265,7 @@ def test_demo_path_trains_evaluates_and_leaves_table_and_pictures(env, tmp_path)
 
 
 def test_task_curves_plot_each_task_and_skip_runs_without_them(tmp_path):
-  from moceir_jax import training, visualize  # pylint: disable=import-outside-toplevel
+  from moceir_jax import visualize  # pylint: disable=import-outside-toplevel
   recs = [{"step": s, "loss": 1.0, "l1/derain": 0.05, "input_l1/derain": 0.03,
            "l1/lowlight": 0.3 / s, "input_l1/lowlight": 0.4} for s in (1, 2, 3)]
   with open(tmp_path / "metrics.jsonl", "w") as f:
@@ -274,3 +280,18 @@ def test_task_curves_plot_each_task_and_skip_runs_without_them(tmp_path):
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
   os.remove(out)
   assert training.plot_task_curves(str(tmp_path)) is None and not os.path.exists(out)
+
+
+def test_config_changes_name_every_changed_setting_and_nothing_else():
+  cfg = ml_collections.ConfigDict(dict(train=dict(lr=1e-3, psnr_weight=0.03),
+                                       data=dict(tasks=("denoise_25", "derain"))))
+  saved = json.loads(cfg.to_json())  # as config.json holds it: tuples become lists
+  assert training.config_changes(saved, cfg) == []
+  assert training.config_changes(None, cfg) == []
+  cfg.train.psnr_weight = 0.0
+  cfg.data.tasks = ("denoise_25",)
+  del saved["train"]["lr"]
+  assert training.config_changes(saved, cfg) == [
+      "data.tasks: ['denoise_25', 'derain'] -> ['denoise_25']",
+      "train.lr: '(unset)' -> 0.001",
+      "train.psnr_weight: 0.03 -> 0.0"]
