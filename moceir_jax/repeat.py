@@ -20,7 +20,9 @@ benchmarks/speed.py --model; temp = XLA's buffers for one step): unrolled
 more than it saved (AVX2 machine: 11.8 vs 10.5 s, 7.8 GB temp; compiles
 slower). Remat of the full-resolution level only: 4.6 s, 6.1 GB peak; of the
 two finest levels 5.0 s, 4.0 GB (the recomputation is dearest where the
-activations are largest). Hence both are off by default, and ``remat`` is the
+activations are largest). Saving the matmul outputs (policy dots_saveable) kept
+4.45 GB and was no faster than full remat within run-to-run noise (EPYC).
+Hence both are off by default, and ``remat`` is the
 option for training a model that does not otherwise fit in memory.
 """
 
