@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from flax import traverse_util
 
 from moceir_jax import checkpoint, experiment_data, host, input_pipeline, losses, parallel
 from moceir_jax import visualize
@@ -370,20 +371,11 @@ def config_changes(previous: dict | None, config) -> list[str]:
   if previous is None:
     return []
   # Both sides as JSON values, so a tuple in the config equals the list it was saved as.
-  old, new = _flatten(json.loads(json.dumps(previous))), _flatten(json.loads(config.to_json()))
+  old, new = (traverse_util.flatten_dict(json.loads(t), sep=".")
+              for t in (json.dumps(previous), config.to_json()))
   unset = "(unset)"
   return [f"{k}: {old.get(k, unset)!r} -> {new.get(k, unset)!r}"
           for k in sorted(set(old) | set(new)) if old.get(k, unset) != new.get(k, unset)]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
