@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from moceir_jax import layers, ops, repeat
-from moceir_jax.moce import COMPLEXITY_SCALES, DISPATCH_MODES, RANK_TYPES, MoCELayer
+from moceir_jax.moce import (COMPLEXITY_SCALES, DISPATCH_MODES, RANK_TYPES, MoCELayer,
+                             default_train_dispatch)
 
 ROUTING_NOISE_MODES = ("train", "always", "off")
 LAYERNORM_TYPES = ("WithBias", "BiasFree")
@@ -61,6 +62,9 @@ class MoCEIRConfig:
   # (MoCE-IR-S, 4x128x128: 8.9 -> 2.8 GB, 3.8 -> 5.4 s); off by default.
   scan_blocks: bool = False
   remat: bool = False
+  # Expert dispatch in training (moceir_jax/moce.py); None picks by backend:
+  # sparse on CPU (only the chosen expert runs), dense on accelerators.
+  train_dispatch: str | None = None
 
   def __post_init__(self):
     for name in ("heads", "num_blocks", "num_dec_blocks"):
@@ -84,6 +88,9 @@ class MoCEIRConfig:
     if self.depthwise_impl not in (None,) + ops.DEPTHWISE_IMPLS:
       errors.append(f"depthwise_impl={self.depthwise_impl!r} is not one of "
                     f"{(None,) + ops.DEPTHWISE_IMPLS}")
+    if self.train_dispatch not in (None,) + DISPATCH_MODES:
+      errors.append(f"train_dispatch={self.train_dispatch!r} is not one of "
+                    f"{(None,) + DISPATCH_MODES}")
     if not 1 <= self.top_k <= self.num_experts:
       errors.append(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
     if self.in_channels != self.out_channels:
@@ -305,7 +312,8 @@ class MoCEIR(nnx.Module):
     """Restores ``x`` (B, H, W, C) with H and W multiples of ``cfg.size_multiple``.
 
     ``noise_key`` drives the routing noise where ``cfg.routing_noise`` asks for
-    it; ``dispatch`` defaults to dense in training and sparse otherwise.
+    it; ``dispatch`` defaults to ``cfg.train_dispatch`` in training and to
+    sparse otherwise.
     ``capture`` also returns intermediate activations (for parity checks).
     ``routing`` maps decoder block names to ``(indices, values)`` to impose a
     routing decision (broadcast over the batch) instead of the router's own.
@@ -318,7 +326,8 @@ class MoCEIR(nnx.Module):
       raise ValueError(
           f"input size {x.shape[1]}x{x.shape[2]} is not a multiple of {m}; "
           "use moceir_jax.inference.restore (pads and crops) for arbitrary sizes")
-    dispatch = dispatch or ("dense" if train else "sparse")
+    if dispatch is None:
+      dispatch = (cfg.train_dispatch or default_train_dispatch()) if train else "sparse"
     if dispatch not in DISPATCH_MODES:
       raise ValueError(f"unknown dispatch {dispatch!r}; expected one of {DISPATCH_MODES}")
     noisy = cfg.routing_noise == "always" or (cfg.routing_noise == "train" and train)

@@ -157,7 +157,7 @@ def make_train_step(graphdef, buffers, tx, schedule, weights: dict[str, float],
 
   def loss_fn(params, batch, rng):
     model = nnx.merge(graphdef, params, buffers)
-    out = model(batch["degraded"], train=True, noise_key=rng, dispatch="dense")
+    out = model(batch["degraded"], train=True, noise_key=rng)
     parts = {"l1": losses.l1(out.image, batch["clean"]),
              "fft": losses.fft_l1(out.image, batch["clean"]),
              "psnr": losses.neg_psnr(out.image, batch["clean"]),

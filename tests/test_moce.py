@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import jit_forward, nhwc, reference_config, reference_file, reference_io
-from moceir_jax import convert
+from moceir_jax import convert, moce
 from moceir_jax import model as model_lib
 from moceir_jax.layers import Init
 from moceir_jax.moce import MoCELayer
@@ -19,8 +19,16 @@ def _reference_model(name):
   return convert.convert_state_dict(sd, cfg)
 
 
+@pytest.fixture(params=["unrolled", "looped"])
+def sparse_loop(request, monkeypatch):
+  """Runs a test through both forms of sparse dispatch (see moce.UNROLL_MAX_BATCH)."""
+  if request.param == "looped":
+    monkeypatch.setattr(moce, "UNROLL_MAX_BATCH", 1)
+  return request.param
+
+
 @pytest.mark.parametrize("name", ["tinyA", "tinyB"])
-def test_sparse_equals_dense_on_batches_mixing_routes(name):
+def test_sparse_equals_dense_on_batches_mixing_routes(name, sparse_loop):
   # tinyA is top-1 and its two train samples take different experts at dec.2;
   # tinyB is top-2 with different expert pairs/orders per sample. A third
   # sample (the eval image, cropped) makes the batch larger than two.
@@ -38,10 +46,11 @@ def test_sparse_equals_dense_on_batches_mixing_routes(name):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_sparse_and_dense_gradients_agree(top_k):
-  # Training uses dense dispatch; it must give the gradients of the sparse
-  # computation (zero for experts no image selected). The router is steered by
-  # a one-hot frequency embedding so the batch mixes experts by construction.
+def test_sparse_and_dense_gradients_agree(top_k, sparse_loop):
+  # Training uses either dispatch (sparse on CPU, dense on accelerators); both
+  # must give the gradients of the routed computation (zero for experts no
+  # image selected). The router is steered by a one-hot frequency embedding so
+  # the batch mixes experts by construction.
   layer = MoCELayer(8, 4, num_experts=4, top_k=top_k, rank=2, rank_type="spread",
                     with_complexity=True, complexity_scale="max", rngs=Init(0))
   layer.router.freq_gate.kernel.set_value(10 * jnp.eye(4))
@@ -68,3 +77,19 @@ def test_sparse_and_dense_gradients_agree(top_k):
   for e in range(4):
     grad_norm = float(jnp.abs(flat_d[("experts", e, "up", "kernel")][...]).max())
     assert (grad_norm > 0) == (e in used), (e, used, grad_norm)
+
+
+def test_training_dispatch_follows_config_and_backend():
+  assert moce.default_train_dispatch() == ("sparse" if jax.default_backend() == "cpu" else "dense")
+  with pytest.raises(ValueError, match="train_dispatch='spares' is not one of"):
+    model_lib.MoCEIRConfig(train_dispatch="spares")
+  # Both training dispatches give one loss on a whole (tiny) model.
+  sd = convert.read_state_dict(reference_file("tinyA_state_dict.npz"))
+  cfg = model_lib.MoCEIRConfig.from_reference_kwargs(reference_config("tinyA"), routing_noise="off")
+  x = jnp.asarray(nhwc(reference_io("tinyA")["x_train"]))
+  losses = []
+  for dispatch in moce.DISPATCH_MODES:
+    model = convert.convert_state_dict(sd, cfg.replace(train_dispatch=dispatch))
+    out = nnx.jit(lambda m, x: m(x, train=True))(model, x)
+    losses.append(float(jnp.mean(jnp.abs(out.image - x))))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
