@@ -87,6 +87,7 @@ def test_reference_layout_bookkeeping():
     (dict(dtype="float8"), "dtype='float8' is not one of"),
     (dict(depthwise_impl="cudnn"), "depthwise_impl='cudnn'"),
     (dict(out_channels=1), "in_channels must equal out_channels"),
+    (dict(remat_levels=5), "remat_levels=5 must be between 0 and levels=4"),
 ])
 def test_bad_configs_are_named(kw, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
