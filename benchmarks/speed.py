@@ -35,7 +35,7 @@ OFFICIAL = {
 }
 
 
-def _parse_model_kw(text: str) -> dict:
+def parse_model_kw(text: str) -> dict:
   """``scan_blocks=0,remat=1`` -> {"scan_blocks": 0, "remat": 1} (ints, true/false, strings)."""
   out = {}
   for item in filter(None, text.split(",")):
@@ -136,13 +136,13 @@ def main():
   ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: VARIANT CASE
   args = ap.parse_args()
   if args.one:
-    print(json.dumps(_case(args.one[0], args.one[1], args.runs, _parse_model_kw(args.model))))
+    print(json.dumps(_case(args.one[0], args.one[1], args.runs, parse_model_kw(args.model))))
     return
   from moceir_jax import host  # pylint: disable=import-outside-toplevel
   env = (None if args.system_allocator else host.allocator_env()) or dict(os.environ)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times are measured: always compile
   # XLA's cost analysis counts a while loop's body once, not once per iteration.
-  flops_note = (" (scanned runs counted once)" if _parse_model_kw(args.model).get("scan_blocks")
+  flops_note = (" (scanned runs counted once)" if parse_model_kw(args.model).get("scan_blocks")
                 else "")
   for variant in args.variants.split(","):
     for case in args.cases.split(","):

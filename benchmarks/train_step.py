@@ -1,6 +1,7 @@
-"""Train-step time and peak memory of the dense (training) path.
+"""Train-step time and peak memory of one variant at one batch shape.
 
     python benchmarks/train_step.py [--variant s] [--batch 1] [--size 128] [--runs 3]
+                                    [--model train_dispatch=dense,remat_levels=2]
 
 One jitted AdamW step (L1 + 0.01·aux, routing noise on, buffers donated), as
 the median of --runs after one warm-up, plus compile time and the process's
@@ -27,6 +28,7 @@ import optax  # pylint: disable=wrong-import-position
 from flax import nnx  # pylint: disable=wrong-import-position
 
 from moceir_jax import model as model_lib  # pylint: disable=wrong-import-position
+from speed import parse_model_kw  # pylint: disable=wrong-import-position  # benchmarks/speed.py
 
 
 def main():
@@ -35,9 +37,10 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--size", type=int, default=128)
   ap.add_argument("--runs", type=int, default=3)
+  ap.add_argument("--model", default="", help="model config overrides, e.g. train_dispatch=dense")
   args = ap.parse_args()
 
-  model = model_lib.create(model_lib.variant(args.variant), seed=0)
+  model = model_lib.create(model_lib.variant(args.variant, **parse_model_kw(args.model)), seed=0)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt = optax.adamw(2e-4)
   opt_state = opt.init(params)
@@ -65,7 +68,7 @@ def main():
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - t)
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-  print(f"{args.variant} train step {args.batch}x3x{args.size}x{args.size}: compile "
+  print(f"{args.variant} {args.model or 'default'} train step {args.batch}x3x{args.size}x{args.size}: compile "
         f"{compile_s:.0f} s, median {np.median(times):.2f} s "
         f"({args.batch / np.median(times):.2f} images/s), peak RSS {peak_gb:.1f} GB")
 

@@ -28,7 +28,7 @@ def test_like_for_like_keeps_the_anchor_recipe_whatever_the_demo_adds():
   assert (t.lr, t.global_batch_size, c.data.patch) == (1e-3, 8, 64)
   assert tuple(c.data.tasks) == ("denoise_25",) and c.data.darken_prob == 0.0
   assert t.time_budget_minutes == 12.0
-  assert training.model_config(c) == model_lib.moceir_demo()
+  assert training.model_config(c) == model_lib.moceir_demo(train_dispatch="dense")
 
 
 def test_like_for_like_never_resumes_an_earlier_run(tmp_path):

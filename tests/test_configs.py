@@ -131,6 +131,18 @@ def test_overrides_typos_and_bad_values(monkeypatch):
     training.validate(c)
 
 
+def test_demo_trains_dense_experts_and_the_flag_switches_them(monkeypatch):
+  # The demo's small experts gain nothing from being skipped and compile twice as long.
+  assert training.model_config(_module().get_config("demo")).train_dispatch == "dense"
+  assert training.model_config(_module().get_config("s")).train_dispatch is None  # by backend
+  c = _parse(["prog", f"--config={CONFIG_FILE}:demo", "--config.model.train_dispatch=sparse"],
+             monkeypatch)
+  assert training.model_config(c).train_dispatch == "sparse"
+  c.model.train_dispatch = "spares"
+  with pytest.raises(ValueError, match="config.model: .*train_dispatch='spares' is not one of"):
+    training.validate(c)
+
+
 def test_darkening_is_off_by_default_and_checked():
   assert _module().get_config("s").data.darken_prob == 0.0  # the paper's recipe: off
   c = _module().get_config("smoke")
