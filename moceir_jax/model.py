@@ -58,13 +58,15 @@ class MoCEIRConfig:
   # Depthwise-conv formulation: None picks by backend (see ops.depthwise_conv).
   depthwise_impl: str | None = None
   # Execution only (same function, same parameters; see moceir_jax/repeat.py).
-  # remat cuts training memory to a third on XLA:CPU at ~1.4x the step time
-  # (MoCE-IR-S, 4x128x128: 8.9 -> 2.8 GB, 3.8 -> 5.4 s); off by default.
+  # remat recomputes every block in the backward pass: on XLA:CPU it cuts
+  # training memory to under half at ~1.6x the step time (MoCE-IR-S, 4x128x128,
+  # AVX2 EPYC: 7.9 -> 3.5 GB, 4.7 -> 7.6 s); off by default.
   scan_blocks: bool = False
   remat: bool = False
   # Rematerialise only the blocks of the N highest-resolution levels (0: none;
   # remat=True means all). They hold most of the activations: at 4x128x128
-  # the full-resolution level alone holds 57% of MoCE-IR-S's.
+  # the full-resolution level alone holds 57% of MoCE-IR-S's, and N=2 gives
+  # nearly remat's saving (3.8 GB) at ~1.25x the step (5.7-6.1 s).
   remat_levels: int = 0
   # Expert dispatch in training (moceir_jax/moce.py); None picks by backend:
   # sparse on CPU (only the chosen expert runs), dense on accelerators.
