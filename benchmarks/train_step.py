@@ -68,7 +68,8 @@ def main():
     jax.block_until_ready(loss)
     times.append(time.perf_counter() - t)
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-  print(f"{args.variant} {args.model or 'default'} train step {args.batch}x3x{args.size}x{args.size}: compile "
+  print(f"{args.variant} {args.model or 'default'} train step "
+        f"{args.batch}x3x{args.size}x{args.size}: compile "
         f"{compile_s:.0f} s, median {np.median(times):.2f} s "
         f"({args.batch / np.median(times):.2f} images/s), peak RSS {peak_gb:.1f} GB")
 

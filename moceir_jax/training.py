@@ -446,10 +446,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   reporter = Reporter(workdir, total, config.train.global_batch_size)
   step = int(state.step)
   if jax.process_index() == 0:
-    nd, np_ = jax.device_count(), jax.process_count()
+    devices, processes = jax.device_count(), jax.process_count()
     print(f"training {model_lib.param_count(cfg):,}-parameter MoCE-IR for {total} steps "
-          f"(batch {config.train.global_batch_size} on {nd} device{'s' * (nd != 1)}, "
-          f"{np_} process{'es' * (np_ != 1)}) in {workdir}", flush=True)
+          f"(batch {config.train.global_batch_size} on {devices} device{'s' * (devices != 1)}, "
+          f"{processes} process{'es' * (processes != 1)}) in {workdir}", flush=True)
   quick_sets = evaluation.quick_sets(config)
   metrics = {}
   window = None  # per task: summed restored and input L1, image count, since the last line
