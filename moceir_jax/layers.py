@@ -95,8 +95,8 @@ class Attention(nnx.Module):
     self.proj_out = Pointwise(dim, dim, bias=bias, rngs=rngs)
 
   def __call__(self, x):
-    q, k, v = jnp.split(self.qkv_dw(self.qkv(x)), 3, axis=-1)
-    out = ops.channel_attention(q, k, v, self.temperature[...], self.heads)
+    out = ops.packed_channel_attention(self.qkv_dw(self.qkv(x)), None, self.temperature[...],
+                                       self.heads)
     return self.proj_out(out)
 
 
@@ -115,9 +115,8 @@ class CrossAttention(nnx.Module):
     self.proj_out = Pointwise(dim, dim, bias=bias, rngs=rngs)
 
   def __call__(self, x, y):
-    q = self.q_dw(self.q(x))
-    k, v = jnp.split(self.kv_dw(self.kv(y)), 2, axis=-1)
-    out = ops.channel_attention(q, k, v, self.temperature[...], self.heads)
+    out = ops.packed_channel_attention(self.q_dw(self.q(x)), self.kv_dw(self.kv(y)),
+                                       self.temperature[...], self.heads)
     return self.proj_out(out)
 
 
@@ -131,8 +130,7 @@ class FeedForward(nnx.Module):
     self.project_out = Pointwise(hidden, dim, bias=bias, rngs=rngs)
 
   def __call__(self, x):
-    x1, x2 = jnp.split(self.dwconv(self.project_in(x)), 2, axis=-1)
-    return self.project_out(ops.gelu(x1) * x2)
+    return self.project_out(ops.gated_gelu(self.dwconv(self.project_in(x))))
 
 
 class TransformerBlock(nnx.Module):

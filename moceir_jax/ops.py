@@ -9,6 +9,8 @@ all are kept and selected by ``default_depthwise_impl``; the tests hold them equ
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,14 +21,132 @@ LAYERNORM_EPS = 1e-5  # torch reference: sqrt(var_biased + 1e-5)
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize default
 
 
-def gelu(x):
+# Activation memory: autodiff of the formulas below keeps several full-size
+# intermediates per call for the backward pass (GELU's erfc, exp and products;
+# LayerNorm's centred input, its square and the normalised output), which in a
+# MoCE-IR-S train step came to over 2 GB of its 6 GB of residuals. The
+# hand-written gradients keep only the inputs and per-pixel statistics and
+# recompute the cheap elementwise rest in the backward pass. Same functions;
+# tests hold the gradients equal to autodiff's.
+
+
+def _after(g, x):
+  """``x``, made to depend on ``g`` so XLA cannot merge its recomputation.
+
+  Without it XLA's common-subexpression pass spots that the backward pass
+  recomputes an expression the forward pass already has, keeps the forward's
+  value alive instead, and the saving is undone. XLA does not fold a float
+  multiply by zero, so ``x + 0*g[0]`` is computed after ``g`` exists.
+  """
+  return x + (0 * g.ravel()[0]).astype(x.dtype)
+
+
+def _gelu(x):
   # The reference uses torch's exact (erf) GELU; jax.nn.gelu defaults to tanh.
   return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_grad(x):
+  # d/dx x*Phi(x) = Phi(x) + x*phi(x)
+  cdf = 0.5 * jax.lax.erfc(-x * np.sqrt(0.5).astype(x.dtype))
+  pdf = jnp.exp(-0.5 * x * x) * np.sqrt(0.5 / np.pi).astype(x.dtype)
+  return cdf + x * pdf
+
+
+@jax.custom_vjp
+def gelu(x):
+  return _gelu(x)
+
+
+gelu.defvjp(lambda x: (_gelu(x), x), lambda x, g: (g * _gelu_grad(_after(g, x)),))
+
+
+@jax.custom_vjp
+def gated_gelu(h):
+  """GELU(first half of the channels) * second half: the GDFN's gate.
+
+  Keeps only ``h`` for the backward pass (autodiff kept ``h``'s two halves as
+  copies, GELU's intermediates and GELU's output besides).
+  """
+  return _gated_gelu(h)
+
+
+def _gated_gelu(h):
+  h1, h2 = jnp.split(h, 2, axis=-1)
+  return _gelu(h1) * h2
+
+
+def _gated_gelu_bwd(h, g):
+  h1, h2 = jnp.split(_after(g, h), 2, axis=-1)
+  return (jnp.concatenate([g * h2 * _gelu_grad(h1), g * _gelu(h1)], axis=-1),)
+
+
+gated_gelu.defvjp(lambda h: (_gated_gelu(h), h), _gated_gelu_bwd)
 
 
 def acc_dtype(dtype):
   """Accumulation dtype: float32 for half types, else the dtype itself (float64 stays)."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def _ln_stats(x, eps):
+  mu = jnp.mean(x, axis=-1, keepdims=True)
+  xc = x - mu
+  inv = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+  return mu, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_bias(x, weight, bias, eps):
+  mu, inv = _ln_stats(x, eps)
+  return (x - mu) * inv * weight + bias
+
+
+# The backward passes keep only x and recompute the per-pixel statistics from
+# it: kept, XLA:CPU stored them broadcast to the full (B, H, W, C) shape (two
+# more full-size arrays per norm), and a reduction over C is cheap.
+
+
+def _layer_norm_bias_fwd(x, weight, bias, eps):
+  return _layer_norm_bias(x, weight, bias, eps), (x, weight)
+
+
+def _layer_norm_bias_bwd(eps, res, g):
+  x, weight = res
+  x = _after(g, x)
+  mu, inv = _ln_stats(x, eps)
+  xhat = (x - mu) * inv
+  gw = g * weight
+  dx = inv * (gw - jnp.mean(gw, axis=-1, keepdims=True)
+              - xhat * jnp.mean(gw * xhat, axis=-1, keepdims=True))
+  axes = tuple(range(g.ndim - 1))
+  return dx, jnp.sum(g * xhat, axis=axes), jnp.sum(g, axis=axes)
+
+
+_layer_norm_bias.defvjp(_layer_norm_bias_fwd, _layer_norm_bias_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _layer_norm_bias_free(x, weight, eps):
+  return x * _ln_stats(x, eps)[1] * weight
+
+
+def _layer_norm_bias_free_fwd(x, weight, eps):
+  return _layer_norm_bias_free(x, weight, eps), (x, weight)
+
+
+def _layer_norm_bias_free_bwd(eps, res, g):
+  # y = x*inv*w with inv = (var(x)+eps)^-1/2: dx = inv*(g*w - xhat*mean(g*w*x*inv)),
+  # xhat the centred, normalised input (the mean leaves var, not the output).
+  x, weight = res
+  x = _after(g, x)
+  mu, inv = _ln_stats(x, eps)
+  gw = g * weight
+  dx = inv * (gw - (x - mu) * inv * jnp.mean(gw * x * inv, axis=-1, keepdims=True))
+  return dx, jnp.sum(g * x * inv, axis=tuple(range(g.ndim - 1)))
+
+
+_layer_norm_bias_free.defvjp(_layer_norm_bias_free_fwd, _layer_norm_bias_free_bwd)
 
 
 def layer_norm(x, weight, bias=None, eps=LAYERNORM_EPS):
@@ -36,14 +156,12 @@ def layer_norm(x, weight, bias=None, eps=LAYERNORM_EPS):
   standard deviation but does not subtract the mean from the output.
   """
   dtype = x.dtype
-  x = x.astype(acc_dtype(dtype))
-  mu = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-  inv = jax.lax.rsqrt(var + eps)
+  acc = acc_dtype(dtype)
+  x, weight = x.astype(acc), weight.astype(acc)
   if bias is None:
-    y = x * inv * weight
+    y = _layer_norm_bias_free(x, weight, eps)
   else:
-    y = (x - mu) * inv * weight + bias
+    y = _layer_norm_bias(x, weight, bias.astype(acc), eps)
   return y.astype(dtype)
 
 
@@ -303,7 +421,8 @@ def pixel_shuffle(x, r: int = 2):
 
 def _l2_normalize_pixels(x):
   # F.normalize(dim=-1) over the flattened H*W axis: x / max(||x||, eps).
-  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc_dtype(x.dtype))), axis=1, keepdims=True))
+  xf = x.astype(acc_dtype(x.dtype))
+  norm = jnp.sqrt(jnp.sum(xf * xf, axis=1, keepdims=True))
   return (x / jnp.maximum(norm, NORMALIZE_EPS).astype(x.dtype))
 
 
@@ -337,7 +456,8 @@ def channel_attention(q, k, v, temperature, num_heads: int, form: str | None = N
   if form == "gram":
     qf, kf, vf = (t.reshape(b, h * w, c) for t in (q, k, v))
     gram = jnp.einsum("bpc,bpd->bcd", qf, kf, precision=hi).astype(acc)
-    norm = lambda t: jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(t.astype(acc)), axis=1)),
+    # t * t, not jnp.square: square's gradient keeps 2t, a full-size copy.
+    norm = lambda t: jnp.maximum(jnp.sqrt(jnp.sum(t.astype(acc) * t.astype(acc), axis=1)),
                                  NORMALIZE_EPS)
     temp = jnp.repeat(temperature.astype(acc), d)
     logits = gram / (norm(qf)[:, :, None] * norm(kf)[:, None, :]) * temp[:, None]
@@ -356,6 +476,120 @@ def channel_attention(q, k, v, temperature, num_heads: int, form: str | None = N
   attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
   out = jnp.einsum("bncd,bpnd->bpnc", attn, v, precision=hi)
   return out.reshape(b, h, w, c)
+
+
+def _gram_forward(q, k, v, temperature, num_heads):
+  """The "gram" form of channel_attention, plus the small arrays its gradient needs."""
+  b, h, w, c = q.shape
+  d = c // num_heads
+  acc = acc_dtype(q.dtype)
+  hi = jax.lax.Precision.HIGHEST
+  qf, kf, vf = (t.reshape(b, h * w, c) for t in (q, k, v))
+  gram = jnp.einsum("bpc,bpd->bcd", qf, kf, precision=hi).astype(acc)
+  norm = lambda t: jnp.sqrt(jnp.sum(t.astype(acc) * t.astype(acc), axis=1))
+  nq, nk = norm(qf), norm(kf)
+  cosine = gram / (jnp.maximum(nq, NORMALIZE_EPS)[:, :, None]
+                   * jnp.maximum(nk, NORMALIZE_EPS)[:, None, :])
+  logits = cosine * jnp.repeat(temperature.astype(acc), d)[:, None]
+  if num_heads > 1:
+    head = np.arange(c) // d
+    logits = jnp.where(jnp.asarray(head[:, None] == head[None, :]), logits, -jnp.inf)
+  attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bpd,bcd->bpc", vf, attn, precision=hi).reshape(b, h, w, c)
+  return out, (attn, cosine, nq, nk)
+
+
+def _gram_backward(q, k, v, temperature, num_heads, small, g):
+  attn, cosine, nq, nk = small
+  b, h, w, c = q.shape
+  d = c // num_heads
+  acc = acc_dtype(q.dtype)
+  hi = jax.lax.Precision.HIGHEST
+  qf, kf, vf, gf = (t.reshape(b, h * w, c) for t in (q, k, v, g))
+  dv = jnp.einsum("bpc,bcd->bpd", gf, attn, precision=hi)
+  d_attn = jnp.einsum("bpc,bpd->bcd", gf, vf, precision=hi).astype(acc)
+  a = attn.astype(acc)
+  d_logits = a * (d_attn - jnp.sum(d_attn * a, axis=-1, keepdims=True))  # masked: a = 0
+  d_temp = jnp.sum(d_logits * cosine, axis=(0, 2)).reshape(num_heads, d).sum(-1)
+  d_cos = d_logits * jnp.repeat(temperature.astype(acc), d)[:, None]
+  nq_c, nk_c = jnp.maximum(nq, NORMALIZE_EPS), jnp.maximum(nk, NORMALIZE_EPS)
+  d_gram = d_cos / (nq_c[:, :, None] * nk_c[:, None, :])
+  # cosine = gram / (nq nk): its norms' share, d|t|/dt = t/|t| where |t| > eps.
+  dcs = d_cos * cosine
+  scale = lambda dn, n: jnp.where(n > NORMALIZE_EPS, -dn / (jnp.maximum(n, NORMALIZE_EPS) ** 2),
+                                  0)
+  sq, sk = scale(jnp.sum(dcs, axis=2), nq), scale(jnp.sum(dcs, axis=1), nk)
+  dq = (jnp.einsum("bpd,bcd->bpc", kf, d_gram.astype(q.dtype), precision=hi)
+        + qf * sq[:, None, :].astype(q.dtype))
+  dk = (jnp.einsum("bpc,bcd->bpd", qf, d_gram.astype(q.dtype), precision=hi)
+        + kf * sk[:, None, :].astype(q.dtype))
+  shape = (b, h, w, c)
+  return (dq.reshape(shape), dk.reshape(shape), dv.reshape(shape),
+          d_temp.astype(temperature.dtype))
+
+
+# Channel attention on the depthwise convs' packed outputs, with a hand-written
+# backward pass that keeps only those packed arrays (and the C x C attention).
+# Under autodiff XLA:CPU kept both the packed qkv array (to recompute slices of
+# it in fused gradient kernels) and q, k and v as separate copies: twice the
+# activations of every attention layer.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _self_attention(qkv, temperature, num_heads):
+  return _gram_forward(*jnp.split(qkv, 3, axis=-1), temperature, num_heads)[0]
+
+
+def _self_attention_fwd(qkv, temperature, num_heads):
+  out, small = _gram_forward(*jnp.split(qkv, 3, axis=-1), temperature, num_heads)
+  return out, (qkv, temperature, small)
+
+
+def _self_attention_bwd(num_heads, res, g):
+  qkv, temperature, small = res
+  q, k, v = jnp.split(_after(g, qkv), 3, axis=-1)
+  dq, dk, dv, dt = _gram_backward(q, k, v, temperature, num_heads, small, g)
+  return jnp.concatenate([dq, dk, dv], axis=-1), dt
+
+
+_self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cross_attention(q, kv, temperature, num_heads):
+  return _gram_forward(q, *jnp.split(kv, 2, axis=-1), temperature, num_heads)[0]
+
+
+def _cross_attention_fwd(q, kv, temperature, num_heads):
+  out, small = _gram_forward(q, *jnp.split(kv, 2, axis=-1), temperature, num_heads)
+  return out, (q, kv, temperature, small)
+
+
+def _cross_attention_bwd(num_heads, res, g):
+  q, kv, temperature, small = res
+  k, v = jnp.split(_after(g, kv), 2, axis=-1)
+  dq, dk, dv, dt = _gram_backward(_after(g, q), k, v, temperature, num_heads, small, g)
+  return dq, jnp.concatenate([dk, dv], axis=-1), dt
+
+
+_cross_attention.defvjp(_cross_attention_fwd, _cross_attention_bwd)
+
+
+def packed_channel_attention(q_or_qkv, kv, temperature, num_heads: int, form: str | None = None):
+  """channel_attention on the layers' packed arrays: ``(qkv, None)`` or ``(q, kv)``.
+
+  q, k and v are channel slices of the depthwise convs' outputs, in that
+  order. The "gram" form (see channel_attention) runs with a gradient that
+  keeps only the packed arrays; the tests hold it equal to autodiff's.
+  """
+  form = form or ("gram" if num_heads <= _GRAM_MAX_HEADS else "heads")
+  if form == "gram":
+    if kv is None:
+      return _self_attention(q_or_qkv, temperature, num_heads)
+    return _cross_attention(q_or_qkv, kv, temperature, num_heads)
+  q, k, v = (jnp.split(q_or_qkv, 3, axis=-1) if kv is None
+             else (q_or_qkv, *jnp.split(kv, 2, axis=-1)))
+  return channel_attention(q, k, v, temperature, num_heads, form=form)
 
 
 def fft_patch_product(q, k, patch: int):
@@ -386,7 +620,8 @@ def num_params(tree) -> int:
 
 
 __all__ = [
-    "acc_dtype", "gelu", "layer_norm", "depthwise_conv", "default_depthwise_impl", "conv2d",
+    "acc_dtype", "gelu", "gated_gelu", "packed_channel_attention", "layer_norm", "depthwise_conv",
+    "default_depthwise_impl", "conv2d",
     "pointwise", "default_pointwise_impl", "pixel_shuffle", "pixel_unshuffle", "channel_attention",
     "fft_patch_product", "num_params",
 ]

@@ -121,6 +121,44 @@ def test_layer_norm_with_and_without_bias():
                              atol=1e-5)
 
 
+def _plain_layer_norm(x, w, b, eps=1e-5):
+  mu = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+  return (x - mu) / jnp.sqrt(var + eps) * w + b if b is not None else x / jnp.sqrt(var + eps) * w
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm_gradients_equal_autodiff_of_the_formula(with_bias):
+  # The hand-written backward pass keeps less; it must give autodiff's numbers.
+  with jax.enable_x64():
+    x = jnp.asarray(RNG.normal(size=(2, 3, 4, 6)) * 3 + 1)
+    w = jnp.asarray(RNG.normal(size=(6,)))
+    b = jnp.asarray(RNG.normal(size=(6,))) if with_bias else None
+    g = jnp.asarray(RNG.normal(size=(2, 3, 4, 6)))
+    args = (x, w) + ((b,) if with_bias else ())
+    ours = jax.grad(lambda *a: jnp.sum(jnp.tanh(ops.layer_norm(*a)) * g),
+                    argnums=tuple(range(len(args))))(*args)
+    ref = jax.grad(lambda x, w, b=None: jnp.sum(jnp.tanh(_plain_layer_norm(x, w, b)) * g),
+                   argnums=tuple(range(len(args))))(*args)
+    assert ours[0].dtype == jnp.float64
+    for a, r in zip(ours, ref):
+      np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_gelu_and_gated_gelu_gradients_equal_autodiff():
+  with jax.enable_x64():
+    h = jnp.asarray(RNG.normal(size=(2, 3, 5, 8)) * 2)
+    g = jnp.asarray(RNG.normal(size=(2, 3, 5, 4)))
+    plain_gelu = lambda t: jax.nn.gelu(t, approximate=False)
+    np.testing.assert_allclose(jax.grad(lambda t: jnp.sum(ops.gelu(t) * h))(h),
+                               jax.grad(lambda t: jnp.sum(plain_gelu(t) * h))(h), rtol=1e-12)
+    plain_gate = lambda t: plain_gelu(t[..., :4]) * t[..., 4:]
+    np.testing.assert_allclose(ops.gated_gelu(h), plain_gate(h), rtol=1e-14)
+    np.testing.assert_allclose(jax.grad(lambda t: jnp.sum(ops.gated_gelu(t) * g))(h),
+                               jax.grad(lambda t: jnp.sum(plain_gate(t) * g))(h), rtol=1e-12,
+                               atol=1e-14)
+
+
 def test_gelu_is_exact_erf():
   x = jnp.linspace(-4, 4, 101)
   from scipy.special import erf  # pylint: disable=import-outside-toplevel
@@ -171,6 +209,32 @@ def test_channel_attention_matches_reference_reshapes(form, heads):
 
   np.testing.assert_allclose(ops.channel_attention(q, k, v, t, heads, form=form), ref(q, k, v),
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4, 8])
+@pytest.mark.parametrize("cross", [False, True])
+def test_packed_channel_attention_equals_autodiff_values_and_gradients(heads, cross):
+  # The packed form's hand-written gradient against autodiff of the plain forms.
+  with jax.enable_x64():
+    c = 16
+    a = jnp.asarray(RNG.normal(size=(2, 5, 6, c if cross else 3 * c)))
+    kv = jnp.asarray(RNG.normal(size=(2, 5, 6, 2 * c))) if cross else None
+    t = jnp.asarray(RNG.uniform(0.5, 2.0, size=(heads,)))
+    g = jnp.asarray(RNG.normal(size=(2, 5, 6, c)))
+
+    def plain(a, kv, t):
+      q, k, v = (a, *jnp.split(kv, 2, axis=-1)) if cross else jnp.split(a, 3, axis=-1)
+      return ops.channel_attention(q, k, v, t, heads, form="heads")
+
+    args = (a, kv, t) if cross else (a, t)
+    ours = lambda *x: ops.packed_channel_attention(x[0], x[1] if cross else None, x[-1], heads)
+    ref = lambda *x: plain(x[0], x[1] if cross else None, x[-1])
+    np.testing.assert_allclose(ours(*args), ref(*args), rtol=1e-12, atol=1e-13)
+    argnums = tuple(range(len(args)))
+    got = jax.grad(lambda *x: jnp.sum(ours(*x) * g), argnums=argnums)(*args)
+    want = jax.grad(lambda *x: jnp.sum(ref(*x) * g), argnums=argnums)(*args)
+    for x, y in zip(got, want):
+      np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
 
 
 def test_channel_attention_forms_have_equal_gradients():
