@@ -59,14 +59,14 @@ class MoCEIRConfig:
   depthwise_impl: str | None = None
   # Execution only (same function, same parameters; see moceir_jax/repeat.py).
   # remat recomputes every block in the backward pass: on XLA:CPU it cuts
-  # training memory to under half at ~1.6x the step time (MoCE-IR-S, 4x128x128,
-  # AVX2 EPYC: 7.9 -> 3.5 GB, 4.7 -> 7.6 s); off by default.
+  # training memory to under half at ~1.6x the step time; off by default
+  # (figures: README, "Speed on CPU").
   scan_blocks: bool = False
   remat: bool = False
   # Rematerialise only the blocks of the N highest-resolution levels (0: none;
   # remat=True means all). They hold most of the activations: at 4x128x128
   # the full-resolution level alone holds 57% of MoCE-IR-S's, and N=2 gives
-  # nearly remat's saving (3.8 GB) at ~1.25x the step (5.7-6.1 s).
+  # nearly remat's saving at a fraction of its recompute.
   remat_levels: int = 0
   # Expert dispatch in training (moceir_jax/moce.py); None picks by backend:
   # sparse on CPU (only the chosen expert runs), dense on accelerators.

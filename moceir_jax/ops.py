@@ -30,15 +30,24 @@ NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize default
 # functions; the tests hold the gradients equal to autodiff's.
 
 
-def _after(g, x):
-  """``x``, made to depend on ``g`` so XLA cannot merge its recomputation.
+def after_gradient(g, tree):
+  """``tree``'s float arrays made to depend on the cotangent ``g``, values unchanged.
 
-  Without it XLA's common-subexpression pass spots that the backward pass
-  recomputes an expression the forward pass already has, keeps the forward's
-  value alive instead, and the saving is undone. XLA does not fold a float
-  multiply by zero, so ``x + 0*g[0]`` is computed after ``g`` exists.
+  XLA:CPU removes optimisation barriers, and its common-subexpression pass
+  spots that a backward pass recomputes what the forward pass already has: it
+  keeps the forward's values alive instead, and the saving is undone. Adding
+  ``0 * g[0]`` (XLA does not fold a float multiply by zero) gives the
+  recomputation inputs that exist only once the backward pass reaches it.
+  Used by the hand-written gradients below and by ``repeat.late_checkpoint``.
   """
-  return x + (0 * g.ravel()[0]).astype(x.dtype)
+  floats = [x for x in jax.tree.leaves(g) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not floats:
+    return tree
+  zero = 0 * floats[0].ravel()[0]
+
+  def tie(x):
+    return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(tie, tree)
 
 
 def _gelu(x):
@@ -58,7 +67,7 @@ def gelu(x):
   return _gelu(x)
 
 
-gelu.defvjp(lambda x: (_gelu(x), x), lambda x, g: (g * _gelu_grad(_after(g, x)),))
+gelu.defvjp(lambda x: (_gelu(x), x), lambda x, g: (g * _gelu_grad(after_gradient(g, x)),))
 
 
 @jax.custom_vjp
@@ -77,7 +86,7 @@ def _gated_gelu(h):
 
 
 def _gated_gelu_bwd(h, g):
-  h1, h2 = jnp.split(_after(g, h), 2, axis=-1)
+  h1, h2 = jnp.split(after_gradient(g, h), 2, axis=-1)
   return (jnp.concatenate([g * h2 * _gelu_grad(h1), g * _gelu(h1)], axis=-1),)
 
 
@@ -112,8 +121,7 @@ def _layer_norm_bias_fwd(x, weight, bias, eps):
 
 
 def _layer_norm_bias_bwd(eps, res, g):
-  x, weight = res
-  x = _after(g, x)
+  x, weight = after_gradient(g, res)
   mu, inv = _ln_stats(x, eps)
   xhat = (x - mu) * inv
   gw = g * weight
@@ -138,8 +146,7 @@ def _layer_norm_bias_free_fwd(x, weight, eps):
 def _layer_norm_bias_free_bwd(eps, res, g):
   # y = x*inv*w with inv = (var(x)+eps)^-1/2: dx = inv*(g*w - xhat*mean(g*w*x*inv)),
   # xhat the centred, normalised input (the mean leaves var, not the output).
-  x, weight = res
-  x = _after(g, x)
+  x, weight = after_gradient(g, res)
   mu, inv = _ln_stats(x, eps)
   gw = g * weight
   dx = inv * (gw - (x - mu) * inv * jnp.mean(gw * x * inv, axis=-1, keepdims=True))
@@ -536,7 +543,7 @@ def _self_attention_fwd(qkv, temperature, num_heads):
 
 def _self_attention_bwd(num_heads, res, g):
   qkv, temperature, small = res
-  q, k, v = jnp.split(_after(g, qkv), 3, axis=-1)
+  q, k, v = jnp.split(after_gradient(g, qkv), 3, axis=-1)
   dq, dk, dv, dt = _gram_backward(q, k, v, temperature, num_heads, small, g)
   return jnp.concatenate([dq, dk, dv], axis=-1), dt
 
@@ -556,8 +563,8 @@ def _cross_attention_fwd(q, kv, temperature, num_heads):
 
 def _cross_attention_bwd(num_heads, res, g):
   q, kv, temperature, small = res
-  k, v = jnp.split(_after(g, kv), 2, axis=-1)
-  dq, dk, dv, dt = _gram_backward(_after(g, q), k, v, temperature, num_heads, small, g)
+  k, v = jnp.split(after_gradient(g, kv), 2, axis=-1)
+  dq, dk, dv, dt = _gram_backward(after_gradient(g, q), k, v, temperature, num_heads, small, g)
   return dq, jnp.concatenate([dk, dv], axis=-1), dt
 
 
@@ -609,8 +616,8 @@ def num_params(tree) -> int:
 
 
 __all__ = [
-    "acc_dtype", "gelu", "gated_gelu", "packed_channel_attention", "layer_norm", "depthwise_conv",
-    "default_depthwise_impl", "conv2d",
+    "acc_dtype", "after_gradient", "gelu", "gated_gelu", "packed_channel_attention", "layer_norm",
+    "depthwise_conv", "default_depthwise_impl", "conv2d",
     "pointwise", "default_pointwise_impl", "pixel_shuffle", "pixel_unshuffle", "channel_attention",
     "fft_patch_product", "num_params",
 ]

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moceir_jax import ops
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _late(f, consts, args):
@@ -50,26 +52,16 @@ def _late_bwd(f, res, g):
 
 
 def _tie(res, g):
-  """``res`` made to depend on the cotangent ``g``, values unchanged (``g`` finite).
+  """``res`` made to depend on the cotangent ``g`` (``ops.after_gradient``).
 
-  XLA:CPU removes optimisation barriers, so a recomputation from the saved
-  inputs alone is merged back into the forward pass and nothing is freed.
-  Adding ``0 * g[0]`` (XLA does not fold a float multiply by zero) to every
-  saved input gives the recomputation inputs that exist only once the backward
-  pass reaches the block: it cannot be merged or hoisted. The parameters too:
-  tying only the activations (elementwise or per image, which a batch-sharded
-  step could do without communication) kept what depends on the parameters
-  alone, MoCE-IR-S 1.7 instead of 1.0 GB of buffers. On a mesh the one element
-  is a scalar broadcast per block.
+  Without it the recomputation from the saved inputs is merged back into the
+  forward pass and nothing is freed. The parameters are tied too: tying only
+  the activations (elementwise or per image, which a batch-sharded step could
+  do without communication) kept what depends on the parameters alone,
+  MoCE-IR-S 1.7 instead of 1.0 GB of buffers. On a mesh the one element is a
+  scalar broadcast per block.
   """
-  floats = [x for x in jax.tree.leaves(g) if jnp.issubdtype(x.dtype, jnp.floating)]
-  if not floats:
-    return res
-  zero = 0 * floats[0].ravel()[0]
-
-  def tie(x):
-    return x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  return jax.tree.map(tie, res)
+  return ops.after_gradient(g, res)
 
 
 _late.defvjp(_late_fwd, _late_bwd)
