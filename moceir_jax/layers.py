@@ -67,8 +67,12 @@ class DepthwiseConv(nnx.Module):
     self.bias = nnx.Param(rngs.uniform((c,), k * k)) if bias else None
 
   def __call__(self, x):
-    return ops.depthwise_conv(x, self.kernel[...], None if self.bias is None else self.bias[...],
-                              impl=self.impl)
+    return ops.depthwise_conv(*self.operands(x), impl=self.impl)
+
+  def operands(self, x) -> ops.DepthwiseInput:
+    """The conv unapplied, for the ops that convolve themselves (their gradient keeps
+    the conv's input, not its output; see ops.DepthwiseInput)."""
+    return ops.DepthwiseInput(x, self.kernel[...], None if self.bias is None else self.bias[...])
 
 
 class LayerNorm(nnx.Module):
@@ -95,8 +99,9 @@ class Attention(nnx.Module):
     self.proj_out = Pointwise(dim, dim, bias=bias, rngs=rngs)
 
   def __call__(self, x):
-    out = ops.packed_channel_attention(self.qkv_dw(self.qkv(x)), None, self.temperature[...],
-                                       self.heads)
+    out = ops.packed_channel_attention(self.qkv_dw.operands(self.qkv(x)), None,
+                                       self.temperature[...], self.heads,
+                                       impls=(self.qkv_dw.impl, None))
     return self.proj_out(out)
 
 
@@ -115,8 +120,9 @@ class CrossAttention(nnx.Module):
     self.proj_out = Pointwise(dim, dim, bias=bias, rngs=rngs)
 
   def __call__(self, x, y):
-    out = ops.packed_channel_attention(self.q_dw(self.q(x)), self.kv_dw(self.kv(y)),
-                                       self.temperature[...], self.heads)
+    out = ops.packed_channel_attention(self.q_dw.operands(self.q(x)),
+                                       self.kv_dw.operands(self.kv(y)), self.temperature[...],
+                                       self.heads, impls=(self.q_dw.impl, self.kv_dw.impl))
     return self.proj_out(out)
 
 
@@ -130,7 +136,8 @@ class FeedForward(nnx.Module):
     self.project_out = Pointwise(hidden, dim, bias=bias, rngs=rngs)
 
   def __call__(self, x):
-    return self.project_out(ops.gated_gelu(self.dwconv(self.project_in(x))))
+    return self.project_out(ops.gated_gelu(self.dwconv.operands(self.project_in(x)),
+                                           self.dwconv.impl))
 
 
 class TransformerBlock(nnx.Module):

@@ -10,6 +10,7 @@ all are kept and selected by ``default_depthwise_impl``; the tests hold them equ
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,14 +71,14 @@ def gelu(x):
 gelu.defvjp(lambda x: (_gelu(x), x), lambda x, g: (g * _gelu_grad(after_gradient(g, x)),))
 
 
-@jax.custom_vjp
-def gated_gelu(h):
+def gated_gelu(h, impl: str | None = None):
   """GELU(first half of the channels) * second half: the GDFN's gate.
 
-  Keeps only ``h`` for the backward pass (autodiff kept ``h``'s two halves as
-  copies, GELU's intermediates and GELU's output besides).
+  ``h`` is an array, or a :class:`DepthwiseInput` to convolve first (with
+  ``impl``), as the GDFN does: then the backward pass keeps the convolution's
+  input instead of its output and convolves again (see _operand_gradient_op).
   """
-  return _gated_gelu(h)
+  return _operand_gradient_op("gate", 0, (impl,), (h,), ())
 
 
 def _gated_gelu(h):
@@ -86,11 +87,8 @@ def _gated_gelu(h):
 
 
 def _gated_gelu_bwd(h, g):
-  h1, h2 = jnp.split(after_gradient(g, h), 2, axis=-1)
-  return (jnp.concatenate([g * h2 * _gelu_grad(h1), g * _gelu(h1)], axis=-1),)
-
-
-gated_gelu.defvjp(lambda h: (_gated_gelu(h), h), _gated_gelu_bwd)
+  h1, h2 = jnp.split(h, 2, axis=-1)
+  return jnp.concatenate([g * h2 * _gelu_grad(h1), g * _gelu(h1)], axis=-1)
 
 
 def acc_dtype(dtype):
@@ -524,68 +522,102 @@ def _gram_backward(q, k, v, temperature, num_heads, small, g):
           d_temp.astype(temperature.dtype))
 
 
-# Channel attention on the depthwise convs' packed outputs, with a hand-written
-# backward pass that keeps only those packed arrays (and the C x C attention).
-# Under autodiff XLA:CPU kept both the packed qkv array (to recompute slices of
-# it in fused gradient kernels) and q, k and v as separate copies: twice the
-# activations of every attention layer.
+# The layers' depthwise convs feed two ops only: the GDFN's gate and the
+# channel attention. Under autodiff XLA:CPU kept, per attention layer, both the
+# packed qkv array (to recompute slices of it in fused gradient kernels) and q,
+# k and v as copies, and per layer the depthwise outputs, which hold 7 of the
+# ~20 channel-widths a block keeps. The gradient below keeps only the convs'
+# inputs (needed anyway for the kernel gradient), the attention's C x C arrays
+# and the temperature, and convolves again in the backward pass: one depthwise
+# forward per layer more, for about a third less activation memory.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _self_attention(qkv, temperature, num_heads):
-  return _gram_forward(*jnp.split(qkv, 3, axis=-1), temperature, num_heads)[0]
+class DepthwiseInput(NamedTuple):
+  """The operands of a depthwise conv that an op below applies itself."""
+  x: jax.Array
+  kernel: jax.Array
+  bias: jax.Array | None = None
 
 
-def _self_attention_fwd(qkv, temperature, num_heads):
-  out, small = _gram_forward(*jnp.split(qkv, 3, axis=-1), temperature, num_heads)
-  return out, (qkv, temperature, small)
+def _value(item, impl):
+  """An operand's value: a DepthwiseInput convolved, an array as itself."""
+  return depthwise_conv(*item, impl=impl) if isinstance(item, DepthwiseInput) else item
 
 
-def _self_attention_bwd(num_heads, res, g):
-  qkv, temperature, small = res
-  q, k, v = jnp.split(after_gradient(g, qkv), 3, axis=-1)
-  dq, dk, dv, dt = _gram_backward(q, k, v, temperature, num_heads, small, g)
-  return jnp.concatenate([dq, dk, dv], axis=-1), dt
+def _produce(item, impl, g):
+  """(value, vjp) of an operand in the backward pass, recomputed after the cotangent
+  ``g`` (after_gradient)."""
+  item = after_gradient(g, item)
+  if not isinstance(item, DepthwiseInput):
+    return item, lambda d: d
+  if item.bias is None:
+    h, vjp = jax.vjp(lambda x, k: depthwise_conv(x, k, None, impl), item.x, item.kernel)
+    return h, lambda d: DepthwiseInput(*vjp(d), None)
+  h, vjp = jax.vjp(lambda x, k, b: depthwise_conv(x, k, b, impl), *item)
+  return h, lambda d: DepthwiseInput(*vjp(d))
 
 
-_self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
+def _qkv(kind, hs):
+  return jnp.split(hs[0], 3, axis=-1) if kind == "self" else (hs[0], *jnp.split(hs[1], 2, -1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _cross_attention(q, kv, temperature, num_heads):
-  return _gram_forward(q, *jnp.split(kv, 2, axis=-1), temperature, num_heads)[0]
+def _consume(kind, heads, hs, rest):
+  """(output, the small arrays the gradient keeps) of the gate or the gram attention."""
+  if kind == "gate":
+    return _gated_gelu(hs[0]), ()
+  return _gram_forward(*_qkv(kind, hs), rest[0], heads)
 
 
-def _cross_attention_fwd(q, kv, temperature, num_heads):
-  out, small = _gram_forward(q, *jnp.split(kv, 2, axis=-1), temperature, num_heads)
-  return out, (q, kv, temperature, small)
+def _consume_bwd(kind, heads, hs, rest, small, g):
+  if kind == "gate":
+    return [_gated_gelu_bwd(hs[0], g)], ()
+  dq, dk, dv, dt = _gram_backward(*_qkv(kind, hs), rest[0], heads, small, g)
+  if kind == "self":
+    return [jnp.concatenate([dq, dk, dv], axis=-1)], (dt,)
+  return [dq, jnp.concatenate([dk, dv], axis=-1)], (dt,)
 
 
-def _cross_attention_bwd(num_heads, res, g):
-  q, kv, temperature, small = res
-  k, v = jnp.split(after_gradient(g, kv), 2, axis=-1)
-  dq, dk, dv, dt = _gram_backward(after_gradient(g, q), k, v, temperature, num_heads, small, g)
-  return dq, jnp.concatenate([dk, dv], axis=-1), dt
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _operand_gradient_op(kind, heads, impls, operands, rest):
+  """The gate ("gate") or the gram attention ("self": packed qkv; "cross": q, packed
+  kv) of ``operands`` (arrays or DepthwiseInputs), ``rest`` = (temperature,) or ()."""
+  hs = [_value(o, i) for o, i in zip(operands, impls)]
+  return _consume(kind, heads, hs, rest)[0]
 
 
-_cross_attention.defvjp(_cross_attention_fwd, _cross_attention_bwd)
+def _operand_gradient_op_fwd(kind, heads, impls, operands, rest):
+  hs = [_value(o, i) for o, i in zip(operands, impls)]
+  out, small = _consume(kind, heads, hs, rest)
+  return out, (operands, rest, small)
 
 
-def packed_channel_attention(q_or_qkv, kv, temperature, num_heads: int, form: str | None = None):
+def _operand_gradient_op_bwd(kind, heads, impls, res, g):
+  operands, rest, small = res
+  produced = [_produce(o, i, g) for o, i in zip(operands, impls)]
+  dhs, drest = _consume_bwd(kind, heads, [h for h, _ in produced], rest, small, g)
+  return tuple(vjp(d) for (_, vjp), d in zip(produced, dhs)), drest
+
+
+_operand_gradient_op.defvjp(_operand_gradient_op_fwd, _operand_gradient_op_bwd)
+
+
+def packed_channel_attention(q_or_qkv, kv, temperature, num_heads: int, form: str | None = None,
+                             impls=(None, None)):
   """channel_attention on the layers' packed arrays: ``(qkv, None)`` or ``(q, kv)``.
 
   q, k and v are channel slices of the depthwise convs' outputs, in that
-  order. The "gram" form (see channel_attention) runs with a gradient that
-  keeps only the packed arrays; the tests hold it equal to autodiff's.
+  order; each argument is the array or a :class:`DepthwiseInput` to convolve
+  first (with ``impls``). The "gram" form (see channel_attention) runs with a
+  gradient that keeps only the operands; the tests hold it equal to autodiff's.
   """
   form = form or ("gram" if num_heads <= _GRAM_MAX_HEADS else "heads")
+  operands = (q_or_qkv,) if kv is None else (q_or_qkv, kv)
+  kind = "self" if kv is None else "cross"
+  impls = tuple(impls[:len(operands)])
   if form == "gram":
-    if kv is None:
-      return _self_attention(q_or_qkv, temperature, num_heads)
-    return _cross_attention(q_or_qkv, kv, temperature, num_heads)
-  q, k, v = (jnp.split(q_or_qkv, 3, axis=-1) if kv is None
-             else (q_or_qkv, *jnp.split(kv, 2, axis=-1)))
-  return channel_attention(q, k, v, temperature, num_heads, form=form)
+    return _operand_gradient_op(kind, num_heads, impls, operands, (temperature,))
+  hs = [_value(o, i) for o, i in zip(operands, impls)]
+  return channel_attention(*_qkv(kind, hs), temperature, num_heads, form=form)
 
 
 def fft_patch_product(q, k, patch: int):
@@ -617,6 +649,7 @@ def num_params(tree) -> int:
 
 __all__ = [
     "acc_dtype", "after_gradient", "gelu", "gated_gelu", "packed_channel_attention", "layer_norm",
+    "DepthwiseInput",
     "depthwise_conv", "default_depthwise_impl", "conv2d",
     "pointwise", "default_pointwise_impl", "pixel_shuffle", "pixel_unshuffle", "channel_attention",
     "fft_patch_product", "num_params",

@@ -247,3 +247,74 @@ def test_channel_attention_forms_have_equal_gradients():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="channel attention form"):
     ops.channel_attention(q, k, v, t, 2, form="fast")
+
+
+def _depthwise_operands(rng, shape, k, bias, dtype):
+  c = shape[-1]
+  return ops.DepthwiseInput(jnp.asarray(rng.normal(size=shape), dtype),
+                            jnp.asarray(rng.normal(size=(k, k, c)) / k, dtype),
+                            jnp.asarray(rng.normal(size=(c,)), dtype) if bias else None)
+
+
+def _grads_of_operands(fn, operands, rest, g):
+  """Gradients of sum(fn(operands, rest) * g) with respect to every array in both."""
+  return jax.grad(lambda o, r: jnp.sum(fn(o, r) * g), argnums=(0, 1))(operands, rest)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kind", ["gate", "self1", "self2", "cross2", "self8"])
+def test_ops_on_depthwise_operands_equal_autodiff_of_conv_then_op(kind, bias):
+  # The gate and the attention given the depthwise conv's operands (their gradient
+  # keeps the conv's input and convolves again) against autodiff of the plain
+  # composition: XLA's grouped convolution, then the plain forms. "self8" takes the
+  # per-head form, which convolves first and differentiates as usual.
+  with jax.enable_x64():
+    rng = np.random.default_rng(3)
+    heads = int(kind[-1]) if kind != "gate" else 0
+    c = 8
+    plain_gelu = lambda t: jax.nn.gelu(t, approximate=False)
+    conv = lambda o: ops.depthwise_conv(*o, impl="xla")
+    if kind == "gate":
+      operands = (_depthwise_operands(rng, (2, 6, 7, 2 * c), 3, bias, jnp.float64),)
+      rest = ()
+      ours = lambda o, r: ops.gated_gelu(o[0])
+      h_split = lambda h: (h[..., :c], h[..., c:])
+      ref = lambda o, r: (lambda a, b: plain_gelu(a) * b)(*h_split(conv(o[0])))
+    elif kind.startswith("self"):
+      operands = (_depthwise_operands(rng, (2, 6, 7, 3 * c), 3, bias, jnp.float64),)
+      rest = (jnp.asarray(rng.uniform(0.5, 2.0, size=(heads,))),)
+      ours = lambda o, r: ops.packed_channel_attention(o[0], None, r[0], heads)
+      ref = lambda o, r: ops.channel_attention(*jnp.split(conv(o[0]), 3, -1), r[0], heads,
+                                               form="heads")
+    else:
+      operands = (_depthwise_operands(rng, (2, 6, 7, c), 3, bias, jnp.float64),
+                  _depthwise_operands(rng, (2, 6, 7, 2 * c), 7, bias, jnp.float64))
+      rest = (jnp.asarray(rng.uniform(0.5, 2.0, size=(heads,))),)
+      ours = lambda o, r: ops.packed_channel_attention(o[0], o[1], r[0], heads)
+      ref = lambda o, r: ops.channel_attention(conv(o[0]), *jnp.split(conv(o[1]), 2, -1), r[0],
+                                               heads, form="heads")
+    g = jnp.asarray(rng.normal(size=(2, 6, 7, c)))
+    np.testing.assert_allclose(ours(operands, rest), ref(operands, rest), rtol=1e-11, atol=1e-12)
+    got = _grads_of_operands(ours, operands, rest, g)
+    want = _grads_of_operands(ref, operands, rest, g)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert a.dtype == jnp.float64
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("impl", ops.DEPTHWISE_IMPLS)
+def test_ops_on_depthwise_operands_float32_each_impl(impl):
+  # The same in float32 through each depthwise formulation the backends pick
+  # (native: this machine's compiled kernel, shift, xla).
+  rng = np.random.default_rng(4)
+  operands = (_depthwise_operands(rng, (2, 8, 8, 12), 3, True, jnp.float32),)
+  rest = (jnp.asarray([0.8, 1.4], jnp.float32),)
+  g = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+  ours = lambda o, r: ops.packed_channel_attention(o[0], None, r[0], 2, impls=(impl,))
+  ref = lambda o, r: ops.channel_attention(
+      *jnp.split(ops.depthwise_conv(*o[0], impl="xla"), 3, -1), r[0], 2, form="heads")
+  np.testing.assert_allclose(ours(operands, rest), ref(operands, rest), atol=2e-5)
+  for a, b in zip(jax.tree.leaves(_grads_of_operands(ours, operands, rest, g)),
+                  jax.tree.leaves(_grads_of_operands(ref, operands, rest, g))):
+    np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-4)
