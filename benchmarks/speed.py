@@ -107,7 +107,10 @@ def _case(variant: str, case: str, runs: int, model_kw: dict) -> dict:
                                                           jax.random.key(0)).compile()
     out["compile_s"] = time.perf_counter() - t
     out["compile_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-    host.release_free_memory()  # as training does: the compiler's freed heap goes back to the OS
+    out["buffers_gb"] = compiled.memory_analysis().temp_size_in_bytes / 1e9
+    # As training does (training.compile_step): JAX's caches and the compiler's freed heap go.
+    jax.clear_caches()
+    host.release_free_memory()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["gflops"] = float(cost.get("flops", float("nan"))) / 1e9
@@ -160,7 +163,8 @@ def main():
         print(f"{variant} train 4x3x128x128: {res['train_s']:.2f} s/step "
               f"({res['images_per_s']:.2f} img/s), {res['gflops']:.0f} GFLOP{flops_note}, compile "
               f"{res['compile_s']:.0f} s, peak {res['peak_gb']:.2f} GB (compiler "
-              f"{res['compile_peak_gb']:.2f}){ref}", flush=True)
+              f"{res['compile_peak_gb']:.2f}, step buffers {res['buffers_gb']:.2f}){ref}",
+              flush=True)
       else:
         ref = (f" | official (issue's machine) {off['eval256']:.2f} s"
                if off and case == "eval256" else "")

@@ -59,6 +59,7 @@ def main():
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
       params, opt_state, x, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t
+  buffers_gb = compiled.memory_analysis().temp_size_in_bytes / 1e9
   params, opt_state, loss = compiled(params, opt_state, x, jax.random.key(0))
   jax.block_until_ready(loss)
   times = []
@@ -71,7 +72,8 @@ def main():
   print(f"{args.variant} {args.model or 'default'} train step "
         f"{args.batch}x3x{args.size}x{args.size}: compile "
         f"{compile_s:.0f} s, median {np.median(times):.2f} s "
-        f"({args.batch / np.median(times):.2f} images/s), peak RSS {peak_gb:.1f} GB")
+        f"({args.batch / np.median(times):.2f} images/s), peak RSS {peak_gb:.1f} GB, "
+        f"step buffers {buffers_gb:.2f} GB")
 
 
 if __name__ == "__main__":
