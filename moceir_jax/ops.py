@@ -552,11 +552,8 @@ def _produce(item, impl, g):
   item = after_gradient(g, item)
   if not isinstance(item, DepthwiseInput):
     return item, lambda d: d
-  if item.bias is None:
-    h, vjp = jax.vjp(lambda x, k: depthwise_conv(x, k, None, impl), item.x, item.kernel)
-    return h, lambda d: DepthwiseInput(*vjp(d), None)
-  h, vjp = jax.vjp(lambda x, k, b: depthwise_conv(x, k, b, impl), *item)
-  return h, lambda d: DepthwiseInput(*vjp(d))
+  h, vjp = jax.vjp(lambda o: _value(o, impl), item)  # a None bias is an empty subtree
+  return h, lambda d: vjp(d)[0]
 
 
 def _qkv(kind, hs):
