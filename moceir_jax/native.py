@@ -40,10 +40,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moceir_jax import host
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "depthwise.cc")
+_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
+SOURCES = tuple(os.path.join(_FOLDER, name) for name in ("depthwise.cc", "layernorm.cc", "gate.cc"))
+HEADERS = (os.path.join(_FOLDER, "common.h"),)
 ENV_SWITCH = "MOCEIR_NATIVE"
 _TARGETS = {"moceir_depthwise_forward": "MoceirDepthwiseForward",
-            "moceir_depthwise_kernel_grad": "MoceirDepthwiseKernelGrad"}
+            "moceir_depthwise_kernel_grad": "MoceirDepthwiseKernelGrad",
+            "moceir_layer_norm_forward": "MoceirLayerNormForward",
+            "moceir_layer_norm_grad": "MoceirLayerNormGrad",
+            "moceir_gate_grad": "MoceirGateGrad"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -57,8 +62,10 @@ def _compiler() -> str | None:
 
 def _build(cxx: str) -> str:
   """Path of the compiled library, compiling it if the cache has none."""
-  with open(SOURCE, "rb") as f:
-    source = f.read()
+  source = b""
+  for name in SOURCES + HEADERS:
+    with open(name, "rb") as f:
+      source += f.read()
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                            check=False).stdout
   include = jax.ffi.include_dir()
@@ -70,14 +77,14 @@ def _build(cxx: str) -> str:
     flags = ["-std=c++17", "-shared", "-fPIC", "-w", *arch_flags, f"-I{include}"]
     key = hashlib.sha256(b"\0".join(key_base + [" ".join(arch_flags).encode()])).hexdigest()[:16]
     folder = host.cache_root(os.environ.get("MOCEIR_NATIVE_CACHE"))
-    path = os.path.join(folder, f"depthwise-{key}.so")
+    path = os.path.join(folder, f"kernels-{key}.so")
     if os.path.isfile(path):
       return path
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-      r = subprocess.run([cxx, *flags, SOURCE, "-o", tmp], capture_output=True, text=True,
+      r = subprocess.run([cxx, *flags, *SOURCES, "-o", tmp], capture_output=True, text=True,
                          check=False)
       if r.returncode == 0:
         os.replace(tmp, path)  # atomic: a concurrent build of the same key is identical
@@ -86,7 +93,7 @@ def _build(cxx: str) -> str:
     finally:
       if os.path.exists(tmp):
         os.remove(tmp)
-  raise RuntimeError(f"compiling {SOURCE} with {cxx} failed:\n" + "\n".join(errors))
+  raise RuntimeError(f"compiling {', '.join(SOURCES)} with {cxx} failed:\n" + "\n".join(errors))
 
 
 def available() -> bool:
@@ -123,7 +130,7 @@ def _batch_sharding(mesh, sharding, ndim):
 
 
 def _per_image_rule(fn, n_batched: int):
-  """custom_partitioning for ``fn(*batched, *replicated)`` whose result is batched."""
+  """custom_partitioning for ``fn(*batched, *replicated)`` whose results are all batched."""
   op = custom_partitioning(fn)
 
   def shardings(mesh, arg_shapes):
@@ -133,11 +140,11 @@ def _per_image_rule(fn, n_batched: int):
     return args
 
   def infer(mesh, arg_shapes, result_shape):
-    return _batch_sharding(mesh, arg_shapes[0].sharding, len(result_shape.shape))
+    return jax.tree.map(lambda r: _batch_sharding(mesh, arg_shapes[0].sharding, len(r.shape)),
+                        result_shape)
 
   def partition(mesh, arg_shapes, result_shape):
-    out = _batch_sharding(mesh, arg_shapes[0].sharding, len(result_shape.shape))
-    return mesh, fn, out, shardings(mesh, arg_shapes)
+    return mesh, fn, infer(mesh, arg_shapes, result_shape), shardings(mesh, arg_shapes)
 
   return op, infer, partition
 
@@ -181,4 +188,67 @@ def supports(x, kernel) -> bool:
           and kernel.shape[0] <= 64 and available())
 
 
-__all__ = ["available", "supports", "depthwise_forward", "depthwise_kernel_grad"]
+@functools.lru_cache(maxsize=None)
+def _layer_norm_ops(eps: float, bias_free: bool):
+  attrs = dict(eps=np.float32(eps), bias_free=bias_free)
+
+  def forward(x, weight, bias):
+    return jax.ffi.ffi_call("moceir_layer_norm_forward",
+                            jax.ShapeDtypeStruct(x.shape, x.dtype))(x, weight, bias, **attrs)
+
+  def grad(x, g, weight):
+    per_image = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1]), x.dtype)
+    return jax.ffi.ffi_call("moceir_layer_norm_grad",
+                            (jax.ShapeDtypeStruct(x.shape, x.dtype), per_image, per_image))(
+                                x, weight, g, **attrs)
+
+  fwd, infer, partition = _per_image_rule(forward, 1)
+  fwd.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                    sharding_rule="b h w c, c, c -> b h w c")
+  bwd, infer, partition = _per_image_rule(grad, 2)
+  bwd.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                    sharding_rule="b h w c, b h w c, c -> b h w c, b c, b c")
+  return fwd, bwd
+
+
+def layer_norm_forward(x, weight, bias, eps: float, bias_free: bool):
+  """Channel LayerNorm of float32 NHWC ``x`` (``bias`` is ignored when ``bias_free``)."""
+  return _layer_norm_ops(float(eps), bool(bias_free))[0](x, weight, bias)
+
+
+def layer_norm_grad(x, g, weight, eps: float, bias_free: bool):
+  """(dx, per-image weight gradient (B, C), per-image bias gradient (B, C))."""
+  return _layer_norm_ops(float(eps), bool(bias_free))[1](x, g, weight)
+
+
+def supports_layer_norm(x) -> bool:
+  return x.dtype == jnp.float32 and x.ndim == 4 and available()
+
+
+def _gate_grad_impl(x, g, kernel, bias):
+  b, c = x.shape[0], x.shape[3]
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, 9, c), x.dtype),
+            jax.ShapeDtypeStruct((b, c), x.dtype))
+  return jax.ffi.ffi_call("moceir_gate_grad", shapes)(x, kernel, bias, g)
+
+
+_gate_grad_op, _infer, _partition = _per_image_rule(_gate_grad_impl, 2)
+_gate_grad_op.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
+                            sharding_rule="b h w c, b h w d, i j c, c -> b h w c, b t c, b c")
+
+
+def gate_grad(x, g, kernel, bias):
+  """(dx, per-image kernel gradient (B, 9, C), per-image bias gradient (B, C)) of
+  GELU(y1) * y2, y = depthwise3x3(x, kernel) + bias split in channel halves, for
+  the output gradient ``g``."""
+  return _gate_grad_op(x, g, kernel, bias)
+
+
+def supports_gate(x, kernel) -> bool:
+  return (x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and x.ndim == 4
+          and kernel.shape[:2] == (3, 3) and x.shape[-1] % 16 == 0 and available())
+
+
+__all__ = ["available", "supports", "depthwise_forward", "depthwise_kernel_grad",
+           "layer_norm_forward", "layer_norm_grad", "supports_layer_norm",
+           "gate_grad", "supports_gate"]

@@ -80,7 +80,36 @@ def gated_gelu(h, impl: str | None = None):
   ``impl``), as the GDFN does: then the backward pass keeps the convolution's
   input instead of its output and convolves again (see _operand_gradient_op).
   """
+  if isinstance(h, DepthwiseInput) and (impl or default_depthwise_impl()) == "native":
+    x, kernel, bias = h
+    kernel = kernel.astype(x.dtype)
+    if native.supports_gate(x, kernel):
+      bias = jnp.zeros(x.shape[-1:], x.dtype) if bias is None else bias.astype(x.dtype)
+      return _gate_native(x, kernel, bias)
   return _operand_gradient_op("gate", 0, (impl,), (h,), ())
+
+
+# On CPU the gate's gradient, conv included, is one native kernel
+# (moceir_jax/native/gate.cc): it recomputes the conv, the GELU derivative and
+# the conv's three gradients row by row in cache, where XLA:CPU made six passes
+# over arrays of the FFN's full width. The forward pass is the XLA formulation
+# (native conv, XLA's GELU), so forward results stay those the parity tests hold.
+@jax.custom_vjp
+def _gate_native(x, kernel, bias):
+  return _gated_gelu(depthwise_conv(x, kernel, bias, impl="native"))
+
+
+def _gate_native_fwd(x, kernel, bias):
+  return _gate_native(x, kernel, bias), (x, kernel, bias)
+
+
+def _gate_native_bwd(res, g):
+  x, kernel, bias = res
+  dx, dk, db = native.gate_grad(x, g, kernel, bias)  # per image, added over the batch here
+  return dx, jnp.sum(dk, axis=0).reshape(kernel.shape), jnp.sum(db, axis=0)
+
+
+_gate_native.defvjp(_gate_native_fwd, _gate_native_bwd)
 
 
 def _gated_gelu(h):
@@ -156,15 +185,46 @@ def _layer_norm_bias_free_bwd(eps, res, g):
 _layer_norm_bias_free.defvjp(_layer_norm_bias_free_fwd, _layer_norm_bias_free_bwd)
 
 
-def layer_norm(x, weight, bias=None, eps=LAYERNORM_EPS):
+# On CPU, a native kernel (moceir_jax/native/layernorm.cc) reads a pixel's
+# channels once for all the sums of the forward and backward passes, where
+# XLA:CPU made ~9 passes over the tensor per gradient.
+LAYERNORM_IMPLS = ("native", "xla")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm_native(x, weight, bias, eps, bias_free):
+  return native.layer_norm_forward(x, weight, bias, eps, bias_free)
+
+
+def _layer_norm_native_fwd(x, weight, bias, eps, bias_free):
+  return _layer_norm_native(x, weight, bias, eps, bias_free), (x, weight)
+
+
+def _layer_norm_native_bwd(eps, bias_free, res, g):
+  x, weight = res
+  dx, dw, db = native.layer_norm_grad(x, g, weight, eps, bias_free)
+  return dx, jnp.sum(dw, axis=0), jnp.sum(db, axis=0)  # per image, added over the batch here
+
+
+_layer_norm_native.defvjp(_layer_norm_native_fwd, _layer_norm_native_bwd)
+
+
+def layer_norm(x, weight, bias=None, eps=LAYERNORM_EPS, impl: str | None = None):
   """LayerNorm over the channel (last) axis, computed in at least float32.
 
   ``bias=None`` is the reference's "BiasFree" variant, which divides by the
-  standard deviation but does not subtract the mean from the output.
+  standard deviation but does not subtract the mean from the output. ``impl``:
+  "native" (CPU kernel; float32 NHWC, else falls back) or "xla"; by default
+  native where available. The tests hold the two equal.
   """
+  if impl not in (None,) + LAYERNORM_IMPLS:
+    raise ValueError(f"unknown layer_norm impl {impl!r}; expected one of {LAYERNORM_IMPLS}")
   dtype = x.dtype
   acc = acc_dtype(dtype)
   x, weight = x.astype(acc), weight.astype(acc)
+  if impl != "xla" and native.supports_layer_norm(x):
+    b = jnp.zeros_like(weight) if bias is None else bias.astype(acc)
+    return _layer_norm_native(x, weight, b, float(eps), bias is None).astype(dtype)
   if bias is None:
     y = _layer_norm_bias_free(x, weight, eps)
   else:

@@ -56,10 +56,98 @@ def test_native_kernel_gradient_is_per_image():
     np.testing.assert_array_equal(per_image[b], alone[0])  # same pieces, same order: exact
 
 
+# LayerNorm: channel counts with and without an 8-wide tail, one channel, the
+# model's widest level.
+LN_SHAPES = [(2, 5, 7, 32), (1, 3, 4, 12), (2, 9, 3, 3), (1, 2, 2, 1), (1, 2, 3, 256)]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", LN_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_layer_norm_equals_xla_forward_and_gradients(shape, with_bias):
+  x = jnp.asarray(RNG.normal(size=shape) * 2 + 0.5, jnp.float32)
+  w = jnp.asarray(RNG.normal(size=shape[-1:]), jnp.float32)
+  b = jnp.asarray(RNG.normal(size=shape[-1:]), jnp.float32) if with_bias else None
+  g = jnp.asarray(RNG.normal(size=shape), jnp.float32)
+  argnums = (0, 1, 2) if with_bias else (0, 1)
+
+  def run(impl):
+    fn = lambda x, w, b: jnp.sum(ops.layer_norm(x, w, b, impl=impl) * g)
+    y = jax.jit(lambda x, w, b: ops.layer_norm(x, w, b, impl=impl))(x, w, b)
+    return (y,) + jax.jit(jax.grad(fn, argnums=argnums))(x, w, b)
+
+  for ours, theirs in zip(run("native"), run("xla")):
+    scale = float(jnp.max(jnp.abs(theirs))) or 1.0
+    # A one-channel norm outputs its bias whatever x: its input gradient must be exactly 0.
+    np.testing.assert_allclose(np.asarray(ours) / scale, np.asarray(theirs) / scale, atol=2e-6)
+
+
+@needs_native
+def test_native_layer_norm_weight_gradient_is_per_image():
+  x = jnp.asarray(RNG.normal(size=(3, 20, 30, 16)), jnp.float32)  # 600 pixels: several pieces
+  g = jnp.asarray(RNG.normal(size=x.shape), jnp.float32)
+  w = jnp.asarray(RNG.normal(size=(16,)), jnp.float32)
+  grad = jax.jit(lambda x, g: native.layer_norm_grad(x, g, w, 1e-5, False))
+  dx, dw, db = grad(x, g)
+  assert dx.shape == x.shape and dw.shape == db.shape == (3, 16)
+  for b in range(3):
+    alone = grad(x[b:b + 1], g[b:b + 1])
+    for whole, one in zip((dx[b], dw[b], db[b]), alone):
+      np.testing.assert_array_equal(whole, one[0])  # same pieces, same order: exact
+
+
+# The gate's conv widths: multiples of 16 (smaller or odd widths take the XLA
+# path); images with fewer rows than a piece, more rows than a piece (pieces
+# recompute their edge rows), a single row and column, wide rows.
+GATE_SHAPES = [(2, 9, 11, 32), (1, 5, 3, 16), (3, 37, 18, 128), (1, 1, 1, 16), (2, 2, 40, 64)]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", GATE_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_gate_gradient_equals_the_xla_formulation(shape, with_bias):
+  x = jnp.asarray(RNG.normal(size=shape) * 1.5, jnp.float32)
+  k = jnp.asarray(RNG.normal(size=(3, 3, shape[-1])), jnp.float32)
+  b = jnp.asarray(RNG.normal(size=shape[-1:]), jnp.float32) if with_bias else None
+  g = jnp.asarray(RNG.normal(size=shape[:-1] + (shape[-1] // 2,)), jnp.float32)
+  argnums = (0, 1, 2) if with_bias else (0, 1)
+
+  def run(impl):
+    gate = lambda x, k, b: ops.gated_gelu(ops.DepthwiseInput(x, k, b), impl)
+    y = jax.jit(gate)(x, k, b)
+    return (y,) + jax.jit(jax.grad(lambda *a: jnp.sum(gate(*a) * g), argnums=argnums))(x, k, b)
+
+  native_run, xla_run = run("native"), run("shift")
+  # The forward pass is the native conv followed by XLA's GELU, exactly.
+  conv_then_gate = jax.jit(lambda x, k, b: ops.gated_gelu(ops.depthwise_conv(x, k, b, "native")))
+  np.testing.assert_array_equal(native_run[0], conv_then_gate(x, k, b))
+  for ours, theirs in zip(native_run, xla_run):
+    scale = float(jnp.max(jnp.abs(theirs))) or 1.0
+    np.testing.assert_allclose(np.asarray(ours) / scale, np.asarray(theirs) / scale, atol=2e-6)
+
+
+@needs_native
+def test_native_gate_gradient_is_per_image_and_checks_its_shapes():
+  x = jnp.asarray(RNG.normal(size=(3, 40, 6, 32)), jnp.float32)  # 40 rows: three pieces
+  g = jnp.asarray(RNG.normal(size=(3, 40, 6, 16)), jnp.float32)
+  k = jnp.asarray(RNG.normal(size=(3, 3, 32)), jnp.float32)
+  bias = jnp.asarray(RNG.normal(size=(32,)), jnp.float32)
+  grad = jax.jit(native.gate_grad)
+  whole = grad(x, g, k, bias)
+  assert [a.shape for a in whole] == [x.shape, (3, 9, 32), (3, 32)]
+  for b in range(3):
+    for a, one in zip(whole, grad(x[b:b + 1], g[b:b + 1], k, bias)):
+      np.testing.assert_array_equal(a[b], one[0])
+  assert not native.supports_gate(x[..., :24], k[..., :24])  # 24 channels: the XLA path
+  with pytest.raises(Exception, match="multiple of 16"):
+    jax.jit(native.gate_grad)(x[..., :24], g[..., :12], k[..., :24], bias[:24])
+
+
 @needs_native
 def test_native_kernels_follow_a_batch_sharded_mesh():
   # Four simulated devices in a fresh process (the device count is fixed at start-up):
-  # each device convolves its own images (no all-gather), and the results equal one device's.
+  # each device runs the kernels on its own images (no all-gather), and the results equal
+  # one device's.
   script = textwrap.dedent("""
       import os, sys
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -71,7 +159,13 @@ def test_native_kernels_follow_a_batch_sharded_mesh():
       rng = np.random.default_rng(0)
       x, g = (jnp.asarray(rng.normal(size=(8, 10, 12, 16)), jnp.float32) for _ in range(2))
       w = jnp.asarray(rng.normal(size=(7, 7, 16)), jnp.float32)
-      loss = lambda x, w, g: jnp.sum(ops.depthwise_conv(x, w, impl="native") * g)
+      ln_w = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
+      gate_k = jnp.asarray(rng.normal(size=(3, 3, 16)), jnp.float32)
+      def loss(x, w, g):  # the native depthwise conv, LayerNorm and gate gradients
+        y = ops.depthwise_conv(x, w, impl="native")
+        y = ops.layer_norm(y, ln_w * w[0, 0], w[1, 1], impl="native")
+        y = ops.gated_gelu(ops.DepthwiseInput(y, gate_k * w[2, 2], None), "native")
+        return jnp.sum(y * g[..., :8])
       grad = jax.value_and_grad(loss, argnums=(0, 1))
       data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
       sharded = jax.jit(grad, in_shardings=(data, rep, data)).lower(x, w, g).compile()
