@@ -83,7 +83,12 @@ class LayerNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((c,), jnp.float32)) if with_bias else None
 
   def __call__(self, x):
-    return ops.layer_norm(x, self.weight[...], None if self.bias is None else self.bias[...])
+    return self.operands(x).apply()
+
+  def operands(self, x) -> ops.NormInput:
+    """The norm unapplied, for the 1x1 convs that normalise their input themselves
+    (their gradient keeps the norm's input, not its output; see ops.NormInput)."""
+    return ops.NormInput(x, self.weight[...], None if self.bias is None else self.bias[...])
 
 
 class Attention(nnx.Module):
@@ -151,8 +156,8 @@ class TransformerBlock(nnx.Module):
     self.ffn = FeedForward(dim, expansion, bias=bias, rngs=rngs, impl=impl)
 
   def __call__(self, x):
-    x = x + self.attn(self.norm1(x))
-    return x + self.ffn(self.norm2(x))
+    x = x + self.attn(self.norm1.operands(x))
+    return x + self.ffn(self.norm2.operands(x))
 
 
 class FFTAttention(nnx.Module):

@@ -259,12 +259,12 @@ class DecoderBlock(nnx.Module):
     self.ffn = layers.FeedForward(dim, cfg.ffn_expansion_factor, bias=bias, rngs=rngs, impl=impl)
 
   def __call__(self, x, freq_emb, *, train, noise_key, dispatch, override=None):
-    h = self.norm1(x)
+    h = self.norm1.operands(x)  # normalised by each 1x1 conv it feeds (ops.NormInput)
     shared = self.shared(self.proj_shared(h))
     adapted, info = self.adapter(self.proj_adapter(h), freq_emb, shared, train=train,
                                  noise_key=noise_key, dispatch=dispatch, override=override)
     x = x + self.cross(adapted, shared)
-    x = x + self.ffn(self.norm2(x))
+    x = x + self.ffn(self.norm2.operands(x))
     return x, adapted, info
 
 

@@ -443,19 +443,62 @@ def default_pointwise_impl() -> str:
   return "cpu" if jax.default_backend() == "cpu" else "xla"
 
 
+class NormInput(NamedTuple):
+  """A LayerNorm unapplied, for the 1x1 convs that normalise their input themselves.
+
+  Every LayerNorm of the model feeds 1x1 convs only. Their weight gradient
+  needs the normalised input: kept, it is one more array of the block's width
+  per norm (2 of the ~14 widths a transformer block keeps for the backward
+  pass), while the norm's input is kept anyway for the norm's own gradient.
+  So on CPU the conv keeps the norm's input and normalises again in the
+  backward pass (a native LayerNorm costs ~1% of a training step).
+  """
+  x: jax.Array
+  weight: jax.Array
+  bias: jax.Array | None = None
+
+  def apply(self):
+    return layer_norm(self.x, self.weight, self.bias)
+
+
+@jax.custom_vjp
+def _norm_matmul_cpu(norm, kernel):
+  return _channel_matmul(norm.apply(), kernel)
+
+
+def _norm_matmul_cpu_fwd(norm, kernel):
+  return _norm_matmul_cpu(norm, kernel), (norm, kernel)
+
+
+def _norm_matmul_cpu_bwd(res, g):
+  norm, kernel = after_gradient(g, res)  # normalise again only now (see after_gradient)
+  h, norm_vjp = jax.vjp(NormInput.apply, norm)
+  g = jax.lax.optimization_barrier(g)  # as in _channel_matmul_cpu_bwd
+  dh = jnp.dot(g, kernel.T, precision=jax.lax.Precision.HIGHEST)
+  cin, cout = kernel.shape
+  dk = jnp.dot(h.reshape(-1, cin).T, g.reshape(-1, cout), precision=jax.lax.Precision.HIGHEST)
+  return norm_vjp(dh)[0], dk
+
+
+_norm_matmul_cpu.defvjp(_norm_matmul_cpu_fwd, _norm_matmul_cpu_bwd)
+
+
 def pointwise(x, kernel, bias=None, impl: str | None = None):
   """1x1 convolution as a matmul over channels; kernel is (in, out).
 
-  ``impl`` "cpu" uses a hand-written gradient tuned for XLA:CPU, "xla" plain
-  autodiff; both compute the same numbers (tests hold them equal).
+  ``x`` is an array or a :class:`NormInput` (normalised first). ``impl`` "cpu"
+  uses hand-written gradients tuned for XLA:CPU, "xla" plain autodiff; both
+  compute the same numbers (tests hold them equal).
   """
   impl = impl or default_pointwise_impl()
-  if impl == "cpu":
-    y = _channel_matmul_cpu(x, kernel.astype(x.dtype))
-  elif impl == "xla":
-    y = _channel_matmul(x, kernel.astype(x.dtype))
-  else:
+  if impl not in ("cpu", "xla"):
     raise ValueError(f"unknown pointwise impl {impl!r}; expected 'cpu' or 'xla'")
+  if isinstance(x, NormInput) and impl == "cpu":
+    y = _norm_matmul_cpu(x, kernel.astype(x.x.dtype))
+  else:
+    x = x.apply() if isinstance(x, NormInput) else x
+    matmul = _channel_matmul_cpu if impl == "cpu" else _channel_matmul
+    y = matmul(x, kernel.astype(x.dtype))
   if bias is not None:
     y = y + bias.astype(y.dtype)
   return y
@@ -708,7 +751,7 @@ def num_params(tree) -> int:
 
 __all__ = [
     "acc_dtype", "after_gradient", "gelu", "gated_gelu", "packed_channel_attention", "layer_norm",
-    "DepthwiseInput",
+    "DepthwiseInput", "NormInput",
     "depthwise_conv", "default_depthwise_impl", "conv2d",
     "pointwise", "default_pointwise_impl", "pixel_shuffle", "pixel_unshuffle", "channel_attention",
     "fft_patch_product", "num_params",

@@ -84,6 +84,32 @@ def test_pointwise_cpu_gradient_equals_autodiff():
     ops.pointwise(x, w, impl="mkl")
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_pointwise_of_a_norm_equals_the_norm_then_the_conv(with_bias):
+  # ops.NormInput: the conv normalises its input itself and again in the backward
+  # pass (the CPU form keeps only the norm's input); the same function and gradients
+  # as the norm applied first (plain autodiff, "xla"), float32 through the native norm.
+  c = 16
+  x = jnp.asarray(RNG.normal(size=(2, 5, 6, c)) * 2 + 1, jnp.float32)
+  lw = jnp.asarray(RNG.normal(size=(c,)), jnp.float32)
+  lb = jnp.asarray(RNG.normal(size=(c,)), jnp.float32) if with_bias else None
+  w = jnp.asarray(RNG.normal(size=(c, 7)), jnp.float32)
+  g = jnp.asarray(RNG.normal(size=(2, 5, 6, 7)), jnp.float32)
+  argnums = (0, 1, 2, 3) if with_bias else (0, 1, 3)
+
+  def loss(impl):
+    return lambda x, lw, lb, w: jnp.sum(
+        jnp.tanh(ops.pointwise(ops.NormInput(x, lw, lb), w, impl=impl)) * g)
+
+  ours = jax.jit(jax.grad(loss("cpu"), argnums=argnums))(x, lw, lb, w)
+  ref = jax.jit(jax.grad(loss("xla"), argnums=argnums))(x, lw, lb, w)
+  for a, r in zip(ours, ref):
+    np.testing.assert_allclose(a, r, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(ops.pointwise(ops.NormInput(x, lw, lb), w, impl="cpu"),
+                             ops.pointwise(ops.layer_norm(x, lw, lb), w, impl="cpu"),
+                             atol=1e-6, rtol=1e-6)
+
+
 def test_depthwise_rejects_even_kernels_and_unknown_impl():
   x = jnp.zeros((1, 4, 4, 2))
   with pytest.raises(ValueError, match="odd kernel"):
