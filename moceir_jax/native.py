@@ -4,7 +4,10 @@ XLA:CPU runs this model's depthwise convolutions far below memory speed (see
 ``moceir_jax/native/depthwise.cc`` for why); a few dozen lines of C++ that
 vectorise over the contiguous channel axis run them 1.3-4x faster forward and
 4-12x faster for the kernel gradient, the largest single cost of a training
-step. The source ships with the package and is compiled here, once per machine,
+step. The same holds for reductions over the channel axis and chains of
+elementwise passes: ``layernorm.cc`` (LayerNorm forward and gradient) and
+``gate.cc`` (the feed-forward gate's whole gradient) each read their inputs
+once where XLA:CPU made several passes. The sources ship with the package and is compiled here, once per machine,
 with the system's C++ compiler against the FFI headers that come with jaxlib;
 the library is cached (``$MOCEIR_NATIVE_CACHE``, else ``$XDG_CACHE_HOME`` or
 ``~/.cache``, under ``moceir_jax/``) under a key of the source, compiler, flags,
