@@ -84,8 +84,7 @@ def gated_gelu(h, impl: str | None = None):
     x, kernel, bias = h
     kernel = kernel.astype(x.dtype)
     if native.supports_gate(x, kernel):
-      bias = jnp.zeros(x.shape[-1:], x.dtype) if bias is None else bias.astype(x.dtype)
-      return _gate_native(x, kernel, bias)
+      return _gate_native(x, kernel, None if bias is None else bias.astype(x.dtype))
   return _operand_gradient_op("gate", 0, (impl,), (h,), ())
 
 
@@ -104,9 +103,12 @@ def _gate_native_fwd(x, kernel, bias):
 
 
 def _gate_native_bwd(res, g):
-  x, kernel, bias = res
-  dx, dk, db = native.gate_grad(x, g, kernel, bias)  # per image, added over the batch here
-  return dx, jnp.sum(dk, axis=0).reshape(kernel.shape), jnp.sum(db, axis=0)
+  x, kernel, bias = res  # bias: None (an empty pytree) for the model's bias-free convs
+  dx, dk, db = native.gate_grad(x, g, kernel,
+                                jnp.zeros(x.shape[-1:], x.dtype) if bias is None else bias)
+  # per image, added over the batch here
+  return (dx, jnp.sum(dk, axis=0).reshape(kernel.shape),
+          None if bias is None else jnp.sum(db, axis=0))
 
 
 _gate_native.defvjp(_gate_native_fwd, _gate_native_bwd)
