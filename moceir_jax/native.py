@@ -4,10 +4,11 @@ XLA:CPU runs this model's depthwise convolutions far below memory speed (see
 ``moceir_jax/native/depthwise.cc`` for why); a few dozen lines of C++ that
 vectorise over the contiguous channel axis run them 1.3-4x faster forward and
 4-12x faster for the kernel gradient, the largest single cost of a training
-step. The same holds for reductions over the channel axis and chains of
+step; for the attention, the conv writes q, k and v as separate arrays and
+takes their gradients (input, kernel and bias in one pass) the same way. The same holds for reductions over the channel axis and chains of
 elementwise passes: ``layernorm.cc`` (LayerNorm forward and gradient) and
 ``gate.cc`` (the feed-forward gate's whole gradient) each read their inputs
-once where XLA:CPU made several passes. The sources ship with the package and is compiled here, once per machine,
+once where XLA:CPU made several passes. The sources ship with the package and are compiled here, once per machine,
 with the system's C++ compiler against the FFI headers that come with jaxlib;
 the library is cached (``$MOCEIR_NATIVE_CACHE``, else ``$XDG_CACHE_HOME`` or
 ``~/.cache``, under ``moceir_jax/``) under a key of the source, compiler, flags,
@@ -49,6 +50,8 @@ HEADERS = (os.path.join(_FOLDER, "common.h"),)
 ENV_SWITCH = "MOCEIR_NATIVE"
 _TARGETS = {"moceir_depthwise_forward": "MoceirDepthwiseForward",
             "moceir_depthwise_kernel_grad": "MoceirDepthwiseKernelGrad",
+            "moceir_depthwise_split_forward": "MoceirDepthwiseSplitForward",
+            "moceir_depthwise_split_grad": "MoceirDepthwiseSplitGrad",
             "moceir_layer_norm_forward": "MoceirLayerNormForward",
             "moceir_layer_norm_grad": "MoceirLayerNormGrad",
             "moceir_gate_grad": "MoceirGateGrad"}
@@ -192,6 +195,51 @@ def supports(x, kernel) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _split_ops(n: int, with_bias: bool):
+  """(forward, grad) of the depthwise conv whose output is n channel slices."""
+
+  def forward(x, kernel, bias):
+    out = jax.ShapeDtypeStruct(x.shape[:3] + (x.shape[3] // n,), x.dtype)
+    return tuple(jax.ffi.ffi_call("moceir_depthwise_split_forward", (out,) * n)(
+        x, kernel, bias, with_bias=with_bias))
+
+  def grad(x, *rest):  # (x, g_0, ..., g_{n-1}, kernel): the batched operands first
+    gs, kernel = rest[:-1], rest[-1]
+    b, c, taps = x.shape[0], x.shape[3], kernel.shape[0] * kernel.shape[1]
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, taps, c), x.dtype),
+              jax.ShapeDtypeStruct((b, c), x.dtype))
+    return jax.ffi.ffi_call("moceir_depthwise_split_grad", shapes)(x, kernel, *gs)
+
+  fwd, infer, partition = _per_image_rule(forward, 1)
+  fwd.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                    sharding_rule="b h w c, i j c, c -> " + ", ".join(["b h w d"] * n))
+  bwd, infer, partition = _per_image_rule(grad, 1 + n)
+  bwd.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                    sharding_rule=("b h w c, " + "b h w d, " * n
+                                   + "i j c -> b h w c, b t c, b c"))
+  return fwd, bwd
+
+
+def depthwise_split_forward(x, kernel, bias, n: int):
+  """The n channel slices of depthwise(x, kernel) + bias (``bias`` None: none), as n arrays."""
+  with_bias = bias is not None
+  if bias is None:
+    bias = jnp.zeros(x.shape[-1:], x.dtype)
+  return _split_ops(n, with_bias)[0](x, kernel, bias)
+
+
+def depthwise_split_grad(x, kernel, gs):
+  """(dx, per-image kernel gradient (B, kh*kw, C), per-image bias gradient (B, C)) of
+  depthwise_split_forward for the slices' gradients ``gs``."""
+  return _split_ops(len(gs), False)[1](x, *gs, kernel)
+
+
+def supports_split(x, kernel, n: int) -> bool:
+  return (supports(x, kernel) and x.shape[-1] % n == 0 and (x.shape[-1] // n) % 8 == 0
+          and kernel.shape[1] in (3, 7) and kernel.shape[0] % 2 == 1)
+
+
+@functools.lru_cache(maxsize=None)
 def _layer_norm_ops(eps: float, bias_free: bool):
   attrs = dict(eps=np.float32(eps), bias_free=bias_free)
 
@@ -253,5 +301,6 @@ def supports_gate(x, kernel) -> bool:
 
 
 __all__ = ["available", "supports", "depthwise_forward", "depthwise_kernel_grad",
+           "depthwise_split_forward", "depthwise_split_grad", "supports_split",
            "layer_norm_forward", "layer_norm_grad", "supports_layer_norm",
            "gate_grad", "supports_gate"]

@@ -636,7 +636,10 @@ def _gram_backward(q, k, v, temperature, num_heads, small, g):
 # ~20 channel-widths a block keeps. The gradient below keeps only the convs'
 # inputs (needed anyway for the kernel gradient), the attention's C x C arrays
 # and the temperature, and convolves again in the backward pass: one depthwise
-# forward per layer more, for about a third less activation memory.
+# forward per layer more, for about a third less activation memory. On CPU
+# the attention's convs write q, k and v as separate arrays and take their
+# gradients the same way (native/depthwise.cc): XLA's slices and concatenation
+# of them were four extra passes per layer (MoCE-IR-S step: ~0.5 s less).
 
 
 class DepthwiseInput(NamedTuple):
@@ -651,55 +654,88 @@ def _value(item, impl):
   return depthwise_conv(*item, impl=impl) if isinstance(item, DepthwiseInput) else item
 
 
-def _produce(item, impl, g):
-  """(value, vjp) of an operand in the backward pass, recomputed after the cotangent
-  ``g`` (after_gradient)."""
+# The channel slices each kind of op takes from each operand: the gate its one
+# array, the self-attention q, k and v from one packed array, the cross
+# attention q from one and k, v from the other.
+_SLICES = {"gate": (1,), "self": (3,), "cross": (1, 2)}
+
+
+def _native_split(item, impl, n):
+  """Whether ``item`` is a DepthwiseInput whose n output slices a native kernel makes
+  as separate arrays (and takes their gradients separately): see native/depthwise.cc."""
+  return (isinstance(item, DepthwiseInput) and (impl or default_depthwise_impl()) == "native"
+          and native.supports_split(item.x, item.kernel.astype(item.x.dtype), n))
+
+
+def _split_conv(item, n):
+  x, kernel, bias = item
+  return native.depthwise_split_forward(x, kernel.astype(x.dtype),
+                                        None if bias is None else bias.astype(x.dtype), n)
+
+
+def _values(item, impl, n):
+  """An operand's value as its n channel slices."""
+  if _native_split(item, impl, n):
+    return list(_split_conv(item, n))
+  return jnp.split(_value(item, impl), n, axis=-1) if n > 1 else [_value(item, impl)]
+
+
+def _produce(item, impl, n, g):
+  """(the n slices, vjp from their n cotangents) of an operand in the backward pass,
+  recomputed after the cotangent ``g`` (after_gradient)."""
   item = after_gradient(g, item)
   if not isinstance(item, DepthwiseInput):
-    return item, lambda d: d
-  h, vjp = jax.vjp(lambda o: _value(o, impl), item)  # a None bias is an empty subtree
-  return h, lambda d: vjp(d)[0]
-
-
-def _qkv(kind, hs):
-  return jnp.split(hs[0], 3, axis=-1) if kind == "self" else (hs[0], *jnp.split(hs[1], 2, -1))
+    return _values(item, impl, n), lambda ds: jnp.concatenate(ds, axis=-1) if n > 1 else ds[0]
+  if _native_split(item, impl, n):
+    def native_vjp(ds):
+      dx, dk, db = native.depthwise_split_grad(item.x, item.kernel.astype(item.x.dtype), ds)
+      # per image, added over the batch here
+      return DepthwiseInput(dx, jnp.sum(dk, axis=0).reshape(item.kernel.shape).astype(
+          item.kernel.dtype), None if item.bias is None else jnp.sum(db, 0).astype(item.bias.dtype))
+    return _split_conv(item, n), native_vjp
+  hs, vjp = jax.vjp(lambda o: _values(o, impl, n), item)  # a None bias is an empty subtree
+  return hs, lambda ds: vjp(list(ds))[0]
 
 
 def _consume(kind, heads, hs, rest):
   """(output, the small arrays the gradient keeps) of the gate or the gram attention."""
   if kind == "gate":
     return _gated_gelu(hs[0]), ()
-  return _gram_forward(*_qkv(kind, hs), rest[0], heads)
+  return _gram_forward(*hs, rest[0], heads)
 
 
 def _consume_bwd(kind, heads, hs, rest, small, g):
   if kind == "gate":
     return [_gated_gelu_bwd(hs[0], g)], ()
-  dq, dk, dv, dt = _gram_backward(*_qkv(kind, hs), rest[0], heads, small, g)
-  if kind == "self":
-    return [jnp.concatenate([dq, dk, dv], axis=-1)], (dt,)
-  return [dq, jnp.concatenate([dk, dv], axis=-1)], (dt,)
+  dq, dk, dv, dt = _gram_backward(*hs, rest[0], heads, small, g)
+  return [dq, dk, dv], (dt,)
+
+
+def _all_values(kind, impls, operands):
+  return [h for o, i, n in zip(operands, impls, _SLICES[kind]) for h in _values(o, i, n)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _operand_gradient_op(kind, heads, impls, operands, rest):
   """The gate ("gate") or the gram attention ("self": packed qkv; "cross": q, packed
   kv) of ``operands`` (arrays or DepthwiseInputs), ``rest`` = (temperature,) or ()."""
-  hs = [_value(o, i) for o, i in zip(operands, impls)]
-  return _consume(kind, heads, hs, rest)[0]
+  return _consume(kind, heads, _all_values(kind, impls, operands), rest)[0]
 
 
 def _operand_gradient_op_fwd(kind, heads, impls, operands, rest):
-  hs = [_value(o, i) for o, i in zip(operands, impls)]
-  out, small = _consume(kind, heads, hs, rest)
+  out, small = _consume(kind, heads, _all_values(kind, impls, operands), rest)
   return out, (operands, rest, small)
 
 
 def _operand_gradient_op_bwd(kind, heads, impls, res, g):
   operands, rest, small = res
-  produced = [_produce(o, i, g) for o, i in zip(operands, impls)]
-  dhs, drest = _consume_bwd(kind, heads, [h for h, _ in produced], rest, small, g)
-  return tuple(vjp(d) for (_, vjp), d in zip(produced, dhs)), drest
+  produced = [_produce(o, i, n, g) for o, i, n in zip(operands, impls, _SLICES[kind])]
+  dhs, drest = _consume_bwd(kind, heads, [h for hs, _ in produced for h in hs], rest, small, g)
+  grads, at = [], 0
+  for (hs, vjp) in produced:
+    grads.append(vjp(dhs[at:at + len(hs)]))
+    at += len(hs)
+  return tuple(grads), drest
 
 
 _operand_gradient_op.defvjp(_operand_gradient_op_fwd, _operand_gradient_op_bwd)
@@ -720,8 +756,10 @@ def packed_channel_attention(q_or_qkv, kv, temperature, num_heads: int, form: st
   impls = tuple(impls[:len(operands)])
   if form == "gram":
     return _operand_gradient_op(kind, num_heads, impls, operands, (temperature,))
-  hs = [_value(o, i) for o, i in zip(operands, impls)]
-  return channel_attention(*_qkv(kind, hs), temperature, num_heads, form=form)
+  # (differentiated by autodiff: the slices of convs that have their own gradients)
+  hs = [h for o, i, n in zip(operands, impls, _SLICES[kind])
+        for h in jnp.split(_value(o, i), n, axis=-1)]
+  return channel_attention(*hs, temperature, num_heads, form=form)
 
 
 def fft_patch_product(q, k, patch: int):

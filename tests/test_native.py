@@ -143,6 +143,73 @@ def test_native_gate_gradient_is_per_image_and_checks_its_shapes():
     jax.jit(native.gate_grad)(x[..., :24], g[..., :12], k[..., :24], bias[:24])
 
 
+# The attention's convs, whose output slices (q, k, v) are separate arrays:
+# (input shape, kernel, slices), with images shorter than a piece of rows and
+# rows narrower than the kernel.
+SPLIT_CASES = [((2, 9, 11, 48), 3, 3), ((1, 6, 5, 32), 7, 2), ((2, 3, 2, 8), 3, 1),
+               ((1, 10, 4, 24), 7, 3)]
+
+
+@needs_native
+@pytest.mark.parametrize("shape,k,n", SPLIT_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_split_conv_equals_the_packed_conv(shape, k, n, with_bias):
+  x = jnp.asarray(RNG.normal(size=shape), jnp.float32)
+  w = jnp.asarray(RNG.normal(size=(k, k, shape[-1])), jnp.float32)
+  bias = jnp.asarray(RNG.normal(size=shape[-1:]), jnp.float32) if with_bias else None
+  gs = [jnp.asarray(RNG.normal(size=shape[:-1] + (shape[-1] // n,)), jnp.float32)
+        for _ in range(n)]
+  ys = jax.jit(lambda x, w, b: native.depthwise_split_forward(x, w, b, n))(x, w, bias)
+  packed = jax.jit(lambda x, w, b: ops.depthwise_conv(x, w, b, impl="native"))(x, w, bias)
+  assert len(ys) == n
+  np.testing.assert_array_equal(jnp.concatenate(ys, -1), packed)  # same sums, same order
+  dx, dk, db = jax.jit(native.depthwise_split_grad)(x, w, gs)
+  assert (dk.shape, db.shape) == ((shape[0], k * k, shape[-1]), (shape[0], shape[-1]))
+  _, vjp = jax.vjp(lambda x, w, b: ops.depthwise_conv(x, w, b, impl="shift"), x, w,
+                   jnp.zeros(shape[-1:]))
+  for ours, theirs in zip((dx, dk.sum(0).reshape(w.shape), db.sum(0)),
+                          vjp(jnp.concatenate(gs, -1))):
+    scale = float(jnp.max(jnp.abs(theirs))) or 1.0
+    np.testing.assert_allclose(np.asarray(ours) / scale, np.asarray(theirs) / scale, atol=2e-6)
+  for b in range(shape[0]):  # per-image sums: an image alone gives the same bits
+    alone = jax.jit(native.depthwise_split_grad)(x[b:b + 1], w, [g[b:b + 1] for g in gs])
+    for a, one in zip((dx, dk, db), alone):
+      np.testing.assert_array_equal(a[b], one[0])
+
+
+@needs_native
+@pytest.mark.parametrize("cross,heads", [(False, 2), (True, 1), (False, 8)])
+def test_attention_on_native_split_convs_equals_the_shift_formulation(cross, heads):
+  # The model's path (q, k, v as separate outputs of the native conv; "gram" form up
+  # to 4 heads, per-head form beyond) against the XLA formulation.
+  c = 16
+  mk = lambda shape, k: ops.DepthwiseInput(
+      jnp.asarray(RNG.normal(size=shape), jnp.float32),
+      jnp.asarray(RNG.normal(size=(k, k, shape[-1])) / k, jnp.float32),
+      jnp.asarray(RNG.normal(size=shape[-1:]), jnp.float32))
+  operands = ((mk((2, 7, 9, c), 3), mk((2, 7, 9, 2 * c), 7)) if cross
+              else (mk((2, 7, 9, 3 * c), 3),))
+  assert all(native.supports_split(o.x, o.kernel, 2 if i else (1 if cross else 3))
+             for i, o in enumerate(operands))
+  t = jnp.asarray(RNG.uniform(0.5, 2.0, size=(heads,)), jnp.float32)
+  g = jnp.asarray(RNG.normal(size=(2, 7, 9, c)), jnp.float32)
+
+  def run(impl):
+    fn = lambda o, t: ops.packed_channel_attention(o[0], o[1] if cross else None, t, heads,
+                                                   impls=(impl, impl))
+    y = jax.jit(fn)(operands, t)
+    return [y] + jax.tree.leaves(jax.jit(jax.grad(lambda o, t: jnp.sum(fn(o, t) * g),
+                                                  argnums=(0, 1)))(operands, t))
+
+  for ours, theirs in zip(run("native"), run("shift")):
+    scale = float(jnp.max(jnp.abs(theirs))) or 1.0
+    np.testing.assert_allclose(np.asarray(ours) / scale, np.asarray(theirs) / scale, atol=1e-5)
+  x, w = jnp.ones((1, 4, 4, 36), jnp.float32), jnp.ones((3, 3, 36), jnp.float32)
+  assert not native.supports_split(x, w, 3)  # 12 channels a slice: the XLA path
+  with pytest.raises(Exception, match="multiple of 8"):
+    jax.jit(native.depthwise_split_forward, static_argnums=3)(x, w, None, 3)
+
+
 @needs_native
 def test_native_kernels_follow_a_batch_sharded_mesh():
   # Four simulated devices in a fresh process (the device count is fixed at start-up):
@@ -161,10 +228,14 @@ def test_native_kernels_follow_a_batch_sharded_mesh():
       w = jnp.asarray(rng.normal(size=(7, 7, 16)), jnp.float32)
       ln_w = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
       gate_k = jnp.asarray(rng.normal(size=(3, 3, 16)), jnp.float32)
-      def loss(x, w, g):  # the native depthwise conv, LayerNorm and gate gradients
+      qkv_k = jnp.asarray(rng.normal(size=(3, 3, 48)), jnp.float32)
+      def loss(x, w, g):  # the native depthwise conv, LayerNorm, gate and split-conv gradients
         y = ops.depthwise_conv(x, w, impl="native")
         y = ops.layer_norm(y, ln_w * w[0, 0], w[1, 1], impl="native")
-        y = ops.gated_gelu(ops.DepthwiseInput(y, gate_k * w[2, 2], None), "native")
+        a = ops.packed_channel_attention(
+            ops.DepthwiseInput(jnp.concatenate([y, y * 2, -y], -1), qkv_k * jnp.tile(w[3, 3], 3), None),
+            None, jnp.ones((2,)), 2, impls=("native",))
+        y = ops.gated_gelu(ops.DepthwiseInput(y + a, gate_k * w[2, 2], None), "native")
         return jnp.sum(y * g[..., :8])
       grad = jax.value_and_grad(loss, argnums=(0, 1))
       data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -173,7 +244,9 @@ def test_native_kernels_follow_a_batch_sharded_mesh():
       (v1, (dx1, dw1)), (v0, (dx0, dw0)) = sharded(x, w, g), jax.jit(grad)(x, w, g)
       assert dx1.sharding.spec == P("data"), dx1.sharding
       np.testing.assert_allclose(v1, v0, rtol=1e-6)
-      np.testing.assert_array_equal(dx1, dx0)
+      # (the attention's matmuls may tile differently for 2 and 8 images: not bit-exact;
+      # each kernel's per-image exactness is tested on its own)
+      np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-5)
       np.testing.assert_allclose(dw1, dw0, rtol=1e-5, atol=1e-4)
       print("ok")
   """)
