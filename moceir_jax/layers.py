@@ -141,8 +141,9 @@ class FeedForward(nnx.Module):
     self.project_out = Pointwise(hidden, dim, bias=bias, rngs=rngs)
 
   def __call__(self, x):
-    return self.project_out(ops.gated_gelu(self.dwconv.operands(self.project_in(x)),
-                                           self.dwconv.impl))
+    # (on CPU the gate is applied by project_out, which then keeps only its input)
+    return self.project_out(ops.gate_operands(self.dwconv.operands(self.project_in(x)),
+                                              self.dwconv.impl))
 
 
 class TransformerBlock(nnx.Module):

@@ -279,19 +279,20 @@ def supports_layer_norm(x) -> bool:
 def _gate_grad_impl(x, g, kernel, bias):
   b, c = x.shape[0], x.shape[3]
   shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, 9, c), x.dtype),
-            jax.ShapeDtypeStruct((b, c), x.dtype))
+            jax.ShapeDtypeStruct((b, c), x.dtype), jax.ShapeDtypeStruct(g.shape, x.dtype))
   return jax.ffi.ffi_call("moceir_gate_grad", shapes)(x, kernel, bias, g)
 
 
 _gate_grad_op, _infer, _partition = _per_image_rule(_gate_grad_impl, 2)
 _gate_grad_op.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
-                            sharding_rule="b h w c, b h w d, i j c, c -> b h w c, b t c, b c")
+                            sharding_rule="b h w c, b h w d, i j c, c -> b h w c, b t c, b c, b h w d")
 
 
 def gate_grad(x, g, kernel, bias):
-  """(dx, per-image kernel gradient (B, 9, C), per-image bias gradient (B, C)) of
-  GELU(y1) * y2, y = depthwise3x3(x, kernel) + bias split in channel halves, for
-  the output gradient ``g``."""
+  """(dx, per-image kernel gradient (B, 9, C), per-image bias gradient (B, C), the
+  output) of GELU(y1) * y2, y = depthwise3x3(x, kernel) + bias split in channel
+  halves, for the output gradient ``g``. The output is computed again on the way
+  (within float32 rounding of the forward pass's) for the 1x1 conv after the gate."""
   return _gate_grad_op(x, g, kernel, bias)
 
 

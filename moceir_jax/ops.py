@@ -104,8 +104,8 @@ def _gate_native_fwd(x, kernel, bias):
 
 def _gate_native_bwd(res, g):
   x, kernel, bias = res  # bias: None (an empty pytree) for the model's bias-free convs
-  dx, dk, db = native.gate_grad(x, g, kernel,
-                                jnp.zeros(x.shape[-1:], x.dtype) if bias is None else bias)
+  dx, dk, db, _ = native.gate_grad(x, g, kernel,
+                                   jnp.zeros(x.shape[-1:], x.dtype) if bias is None else bias)
   # per image, added over the batch here
   return (dx, jnp.sum(dk, axis=0).reshape(kernel.shape),
           None if bias is None else jnp.sum(db, axis=0))
@@ -485,10 +485,69 @@ def _norm_matmul_cpu_bwd(res, g):
 _norm_matmul_cpu.defvjp(_norm_matmul_cpu_fwd, _norm_matmul_cpu_bwd)
 
 
+class GateInput(NamedTuple):
+  """The GDFN's gate unapplied (native CPU kernels), for the 1x1 conv after it.
+
+  That conv's weight gradient needs the gate's output, half the width of the
+  gate's input, which the gate's own gradient keeps anyway: kept as well, it
+  is one more array of 2.66x the block's width per feed-forward layer. So the
+  conv keeps the gate's input only, and in its backward pass the gate's native
+  gradient kernel, which recomputes the conv anyway, writes the gate's output
+  again (MoCE-IR-S step buffers: 0.28 GB less). Made by :func:`gate_operands`.
+  """
+  x: jax.Array
+  kernel: jax.Array
+  bias: jax.Array | None = None
+
+  def apply(self):
+    return _gate_native(self.x, self.kernel, self.bias)
+
+
+def gate_operands(h: DepthwiseInput, impl: str | None = None, pointwise_impl: str | None = None):
+  """gated_gelu(h, impl), or a :class:`GateInput` for ``pointwise`` to apply when both
+  the native gate and the CPU pointwise gradient are in use."""
+  if ((impl or default_depthwise_impl()) == "native"
+      and (pointwise_impl or default_pointwise_impl()) == "cpu"):
+    x, kernel, bias = h
+    kernel = kernel.astype(x.dtype)
+    if native.supports_gate(x, kernel):
+      return GateInput(x, kernel, None if bias is None else bias.astype(x.dtype))
+  return gated_gelu(h, impl)
+
+
+@jax.custom_vjp
+def _gate_matmul_cpu(gate, kernel):
+  # The barrier keeps the gate a pass of its own: fused into the matmul's operand,
+  # XLA:CPU computed the GELU in the matmul's inner loops, over and over.
+  return _channel_matmul(jax.lax.optimization_barrier(gate.apply()), kernel)
+
+
+def _gate_matmul_cpu_fwd(gate, kernel):
+  return _gate_matmul_cpu(gate, kernel), (gate, kernel)
+
+
+def _gate_matmul_cpu_bwd(res, g):
+  # The gate's gradient kernel gives the gate's output too, computed again from
+  # the conv it recomputes anyway: the weight gradient's operand costs one write.
+  (x, dw_kernel, bias), kernel = res
+  g = jax.lax.optimization_barrier(g)  # as in _channel_matmul_cpu_bwd
+  dh = jnp.dot(g, kernel.T, precision=jax.lax.Precision.HIGHEST)
+  dx, ddw, db, h = native.gate_grad(x, dh, dw_kernel,
+                                    jnp.zeros(x.shape[-1:], x.dtype) if bias is None else bias)
+  cin, cout = kernel.shape
+  dk = jnp.dot(h.reshape(-1, cin).T, g.reshape(-1, cout), precision=jax.lax.Precision.HIGHEST)
+  return (GateInput(dx, jnp.sum(ddw, axis=0).reshape(dw_kernel.shape),
+                    None if bias is None else jnp.sum(db, axis=0)), dk)
+
+
+_gate_matmul_cpu.defvjp(_gate_matmul_cpu_fwd, _gate_matmul_cpu_bwd)
+
+
 def pointwise(x, kernel, bias=None, impl: str | None = None):
   """1x1 convolution as a matmul over channels; kernel is (in, out).
 
-  ``x`` is an array or a :class:`NormInput` (normalised first). ``impl`` "cpu"
+  ``x`` is an array, a :class:`NormInput` (normalised first) or a
+  :class:`GateInput` (gated first). ``impl`` "cpu"
   uses hand-written gradients tuned for XLA:CPU, "xla" plain autodiff; both
   compute the same numbers (tests hold them equal).
   """
@@ -497,8 +556,10 @@ def pointwise(x, kernel, bias=None, impl: str | None = None):
     raise ValueError(f"unknown pointwise impl {impl!r}; expected 'cpu' or 'xla'")
   if isinstance(x, NormInput) and impl == "cpu":
     y = _norm_matmul_cpu(x, kernel.astype(x.x.dtype))
+  elif isinstance(x, GateInput) and impl == "cpu":
+    y = _gate_matmul_cpu(x, kernel.astype(x.x.dtype))
   else:
-    x = x.apply() if isinstance(x, NormInput) else x
+    x = x.apply() if isinstance(x, (NormInput, GateInput)) else x
     matmul = _channel_matmul_cpu if impl == "cpu" else _channel_matmul
     y = matmul(x, kernel.astype(x.dtype))
   if bias is not None:
@@ -791,7 +852,7 @@ def num_params(tree) -> int:
 
 __all__ = [
     "acc_dtype", "after_gradient", "gelu", "gated_gelu", "packed_channel_attention", "layer_norm",
-    "DepthwiseInput", "NormInput",
+    "DepthwiseInput", "NormInput", "GateInput", "gate_operands",
     "depthwise_conv", "default_depthwise_impl", "conv2d",
     "pointwise", "default_pointwise_impl", "pixel_shuffle", "pixel_unshuffle", "channel_attention",
     "fft_patch_product", "num_params",

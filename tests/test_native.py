@@ -134,7 +134,12 @@ def test_native_gate_gradient_is_per_image_and_checks_its_shapes():
   bias = jnp.asarray(RNG.normal(size=(32,)), jnp.float32)
   grad = jax.jit(native.gate_grad)
   whole = grad(x, g, k, bias)
-  assert [a.shape for a in whole] == [x.shape, (3, 9, 32), (3, 32)]
+  assert [a.shape for a in whole] == [x.shape, (3, 9, 32), (3, 32), g.shape]
+  # its fourth result is the gate's output again
+  forward = jax.jit(lambda x: ops.gated_gelu(ops.depthwise_conv(x, k, bias, "native")))(x)
+  # (1 + erf(y) for y << 0 cancels: errors are relative to the largest output)
+  scale = float(jnp.max(jnp.abs(forward)))
+  np.testing.assert_allclose(whole[3] / scale, forward / scale, atol=1e-6)
   for b in range(3):
     for a, one in zip(whole, grad(x[b:b + 1], g[b:b + 1], k, bias)):
       np.testing.assert_array_equal(a[b], one[0])

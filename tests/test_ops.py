@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moceir_jax import ops
+from moceir_jax import native, ops
 
 RNG = np.random.default_rng(0)
 
@@ -110,6 +110,38 @@ def test_pointwise_of_a_norm_equals_the_norm_then_the_conv(with_bias):
                              atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_pointwise_of_a_gate_equals_the_gate_then_the_conv(with_bias):
+  # ops.GateInput: the conv after the GDFN's gate applies the gate itself and, in
+  # the backward pass, takes the gate's output from the gate's gradient kernel.
+  # Against the gate applied first through the shift formulation and autodiff.
+  c2 = 32
+  x = jnp.asarray(RNG.normal(size=(2, 19, 6, c2)), jnp.float32)  # 19 rows: two pieces
+  k = jnp.asarray(RNG.normal(size=(3, 3, c2)) / 3, jnp.float32)
+  b = jnp.asarray(RNG.normal(size=(c2,)), jnp.float32) if with_bias else None
+  w = jnp.asarray(RNG.normal(size=(c2 // 2, 7)), jnp.float32)
+  g = jnp.asarray(RNG.normal(size=(2, 19, 6, 7)), jnp.float32)
+  gate = ops.gate_operands(ops.DepthwiseInput(x, k, b), "native", "cpu")
+  assert isinstance(gate, ops.GateInput)
+  plain = ops.gate_operands(ops.DepthwiseInput(x, k, b), "shift", "cpu")
+  assert not isinstance(plain, ops.GateInput)
+  # forward: exactly the gate then the conv
+  np.testing.assert_array_equal(
+      jax.jit(lambda x, k, b, w: ops.pointwise(ops.GateInput(x, k, b), w))(x, k, b, w),
+      jax.jit(lambda x, k, b, w: ops.pointwise(
+          ops.gated_gelu(ops.DepthwiseInput(x, k, b), "native"), w))(x, k, b, w))
+  argnums = (0, 1, 2, 3) if with_bias else (0, 1, 3)
+  ours = jax.jit(jax.grad(lambda x, k, b, w: jnp.sum(
+      ops.pointwise(ops.GateInput(x, k, b), w) * g), argnums=argnums))(x, k, b, w)
+  ref = jax.jit(jax.grad(lambda x, k, b, w: jnp.sum(ops.pointwise(
+      ops.gated_gelu(ops.DepthwiseInput(x, k, b), "shift"), w, impl="xla") * g),
+      argnums=argnums))(x, k, b, w)
+  for a, r in zip(ours, ref):
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(r) / scale, atol=2e-6)
+
+
 def test_depthwise_rejects_even_kernels_and_unknown_impl():
   x = jnp.zeros((1, 4, 4, 2))
   with pytest.raises(ValueError, match="odd kernel"):
@@ -177,7 +209,8 @@ def test_gelu_and_gated_gelu_gradients_equal_autodiff():
     g = jnp.asarray(RNG.normal(size=(2, 3, 5, 4)))
     plain_gelu = lambda t: jax.nn.gelu(t, approximate=False)
     np.testing.assert_allclose(jax.grad(lambda t: jnp.sum(ops.gelu(t) * h))(h),
-                               jax.grad(lambda t: jnp.sum(plain_gelu(t) * h))(h), rtol=1e-12)
+                               jax.grad(lambda t: jnp.sum(plain_gelu(t) * h))(h), rtol=1e-12,
+                               atol=1e-15)
     plain_gate = lambda t: plain_gelu(t[..., :4]) * t[..., 4:]
     np.testing.assert_allclose(ops.gated_gelu(h), plain_gate(h), rtol=1e-14)
     np.testing.assert_allclose(jax.grad(lambda t: jnp.sum(ops.gated_gelu(t) * g))(h),

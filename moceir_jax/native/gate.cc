@@ -1,7 +1,7 @@
 // The gradient of the feed-forward block's gate, GELU(y1) * y2 with
 // y = depthwise3x3(x) + bias split into halves y1, y2 along the channels, as
 // an XLA FFI handler for XLA:CPU (see moceir_jax/native.py): the input,
-// kernel and bias gradients in one pass. (The forward pass stays the XLA
+// kernel and bias gradients in one pass, and the gate's output again. (The forward pass stays the XLA
 // formulation, so forward results are those the parity tests check.)
 //
 // Why native code: the training step keeps only x (the conv's input) for this
@@ -143,8 +143,9 @@ ffi::Error GetDims(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& 
   return ffi::Error::Success();
 }
 
-// In place: a row of y becomes the row of dy = d(GELU(y1) y2)/dy times g.
-void GateGradRow(float* y, const float* g, const Dims& d) {
+// In place: a row of y becomes the row of dy = d(GELU(y1) y2)/dy times g;
+// the gate's output GELU(y1) y2 goes to ``out`` unless it is null.
+void GateGradRow(float* y, const float* g, const Dims& d, float* out) {
   for (int64_t w = 0; w < d.w; ++w) {
     float* yp = y + w * d.c2;
     const float* gp = g + w * d.c;
@@ -152,6 +153,7 @@ void GateGradRow(float* y, const float* g, const Dims& d) {
       const Vec8 a = Load8(yp + c), v = Load8(yp + d.c + c), gv = Load8(gp + c);
       const Vec8 cdf = 0.5f * (1.0f + Erf(a * kSqrtHalf));
       const Vec8 pdf = Exp(-0.5f * a * a) * kInvSqrt2Pi;
+      if (out) Store8(out + w * d.c + c, a * cdf * v);
       Store8(yp + c, gv * v * (cdf + a * pdf));
       Store8(yp + d.c + c, gv * a * cdf);
     }
@@ -163,7 +165,7 @@ constexpr int64_t kRows = 16;  // rows per piece of the gradient
 ffi::Error Grad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                 ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> g,
                 ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
-                ffi::ResultBuffer<ffi::F32> dbias) {
+                ffi::ResultBuffer<ffi::F32> dbias, ffi::ResultBuffer<ffi::F32> out) {
   Dims d;
   if (auto err = GetDims(x, k, bias, &d); err.failure()) return err;
   const int64_t W = d.w, C2 = d.c2, row = W * C2;
@@ -175,6 +177,7 @@ ffi::Error Grad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const float* bd = bias.typed_data();
   const float* gd = g.typed_data();
   float* dxd = dx->typed_data();
+  float* outd = out->typed_data();
   std::vector<float> kflip(9 * C2);  // the input gradient's stencil: the kernel turned 180 degrees
   for (int t = 0; t < 9; ++t)
     std::copy(kd + (8 - t) * C2, kd + (9 - t) * C2, kflip.begin() + t * C2);
@@ -194,7 +197,10 @@ ffi::Error Grad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
         const float* rows[3];
         InputRows(xd, d, b, r, rows);
         StencilRow(rows, kd, bd, W, C2, slot(r));
-        GateGradRow(slot(r), gd + (b * d.h + r) * W * d.c, d);
+        // (the gate's output for this piece's own rows: the next 1x1 conv's
+        // weight gradient needs it, see ops.GateInput)
+        GateGradRow(slot(r), gd + (b * d.h + r) * W * d.c, d,
+                    r >= h0 && r < h1 ? outd + (b * d.h + r) * W * d.c : nullptr);
       }
       const int64_t s = r - 1;  // its three dy rows are ready
       if (s < h0 || s >= h1) continue;
@@ -260,6 +266,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoceirGateGrad, Grad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
