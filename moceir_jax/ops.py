@@ -473,7 +473,11 @@ def _norm_matmul_cpu_fwd(norm, kernel):
 
 
 def _norm_matmul_cpu_bwd(res, g):
-  norm, kernel = after_gradient(g, res)  # normalise again only now (see after_gradient)
+  norm, kernel = res  # normalise again only now (see after_gradient):
+  if native.supports_layer_norm(norm.x):  # one custom call: tying its weight suffices
+    norm = norm._replace(weight=after_gradient(g, norm.weight))
+  else:
+    norm = after_gradient(g, norm)
   h, norm_vjp = jax.vjp(NormInput.apply, norm)
   g = jax.lax.optimization_barrier(g)  # as in _channel_matmul_cpu_bwd
   dh = jnp.dot(g, kernel.T, precision=jax.lax.Precision.HIGHEST)
@@ -744,16 +748,19 @@ def _values(item, impl, n):
 def _produce(item, impl, n, g):
   """(the n slices, vjp from their n cotangents) of an operand in the backward pass,
   recomputed after the cotangent ``g`` (after_gradient)."""
-  item = after_gradient(g, item)
-  if not isinstance(item, DepthwiseInput):
-    return _values(item, impl, n), lambda ds: jnp.concatenate(ds, axis=-1) if n > 1 else ds[0]
   if _native_split(item, impl, n):
+    # One custom call: tying its small kernel suffices to keep it apart from the forward's
+    # (tying x cost a pass over the conv's input per layer).
+    item = item._replace(kernel=after_gradient(g, item.kernel))
     def native_vjp(ds):
       dx, dk, db = native.depthwise_split_grad(item.x, item.kernel.astype(item.x.dtype), ds)
       # per image, added over the batch here
       return DepthwiseInput(dx, jnp.sum(dk, axis=0).reshape(item.kernel.shape).astype(
           item.kernel.dtype), None if item.bias is None else jnp.sum(db, 0).astype(item.bias.dtype))
     return _split_conv(item, n), native_vjp
+  item = after_gradient(g, item)
+  if not isinstance(item, DepthwiseInput):
+    return _values(item, impl, n), lambda ds: jnp.concatenate(ds, axis=-1) if n > 1 else ds[0]
   hs, vjp = jax.vjp(lambda o: _values(o, impl, n), item)  # a None bias is an empty subtree
   return hs, lambda ds: vjp(list(ds))[0]
 
