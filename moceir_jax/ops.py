@@ -80,12 +80,20 @@ def gated_gelu(h, impl: str | None = None):
   ``impl``), as the GDFN does: then the backward pass keeps the convolution's
   input instead of its output and convolves again (see _operand_gradient_op).
   """
+  gate = _native_gate(h, impl)
+  if gate is not None:
+    return gate.apply()
+  return _operand_gradient_op("gate", 0, (impl,), (h,), ())
+
+
+def _native_gate(h, impl):
+  """``h`` as a GateInput if the native gate kernels take it, else None."""
   if isinstance(h, DepthwiseInput) and (impl or default_depthwise_impl()) == "native":
     x, kernel, bias = h
     kernel = kernel.astype(x.dtype)
     if native.supports_gate(x, kernel):
-      return _gate_native(x, kernel, None if bias is None else bias.astype(x.dtype))
-  return _operand_gradient_op("gate", 0, (impl,), (h,), ())
+      return GateInput(x, kernel, None if bias is None else bias.astype(x.dtype))
+  return None
 
 
 # On CPU the gate's gradient, conv included, is one native kernel
@@ -510,12 +518,9 @@ class GateInput(NamedTuple):
 def gate_operands(h: DepthwiseInput, impl: str | None = None, pointwise_impl: str | None = None):
   """gated_gelu(h, impl), or a :class:`GateInput` for ``pointwise`` to apply when both
   the native gate and the CPU pointwise gradient are in use."""
-  if ((impl or default_depthwise_impl()) == "native"
-      and (pointwise_impl or default_pointwise_impl()) == "cpu"):
-    x, kernel, bias = h
-    kernel = kernel.astype(x.dtype)
-    if native.supports_gate(x, kernel):
-      return GateInput(x, kernel, None if bias is None else bias.astype(x.dtype))
+  gate = _native_gate(h, impl)
+  if gate is not None and (pointwise_impl or default_pointwise_impl()) == "cpu":
+    return gate
   return gated_gelu(h, impl)
 
 
